@@ -1,0 +1,181 @@
+"""The recurrent captioning decoder: image features -> word scores -> captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .loss import temporal_softmax_loss
+from .rnn import LSTM, RNN, AttentionLSTM
+
+__all__ = ["CaptioningRNN", "DecoderState", "CELL_TYPES"]
+
+CELL_TYPES = ("rnn", "lstm", "attention")
+
+
+@dataclass
+class DecoderState:
+    """Recurrent state while decoding; every tensor is batch-first so decoders can reorder rows.
+
+    h, c: (N, H) (c is None for the vanilla RNN); A: (N, H, Dh, Dw) projected feature map (attention only).
+    """
+
+    h: Tensor
+    c: Tensor | None = None
+    A: Tensor | None = None
+
+    def index_select(self, index: Tensor) -> DecoderState:
+        """Rows picked (and possibly repeated) by index (M,) -> a state of batch M."""
+        return DecoderState(*(None if t is None else t.index_select(0, index) for t in (self.h, self.c, self.A)))
+
+
+class CaptioningRNN(nn.Module):
+    """Show-and-Tell / Show-Attend-Tell decoder of the CS231n and EECS 498 courses.
+
+    Image features (N, D) or a feature map (N, D, h, w) are projected to the initial hidden state h0
+    (N, H) — or, for ``cell_type="attention"``, by a 1x1 projection to A (N, H, h, w) — and the words of
+    the caption, embedded to (N, T, W), run through the hand-written core to hidden states (N, T, H), then
+    to vocabulary scores (N, T, V).
+
+    Args:
+        vocab_size: V, the number of words including the special tokens.
+        input_dim: D, the channels of the encoder's features.
+        wordvec_dim: W, the size of the word embeddings.
+        hidden_dim: H, the size of the recurrent state.
+        cell_type: ``"rnn"``, ``"lstm"`` or ``"attention"``.
+        dropout: dropout on the word embeddings and on the hidden states before the vocabulary projection.
+        null_id, start_id, end_id: the special tokens' ids (DESIGN.md: 0, 1, 2).
+        loss_normalize: ``"batch"`` (sum over tokens / N, the courses' convention) or ``"tokens"``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        input_dim: int,
+        wordvec_dim: int = 256,
+        hidden_dim: int = 512,
+        cell_type: str = "lstm",
+        dropout: float = 0.0,
+        null_id: int = 0,
+        start_id: int = 1,
+        end_id: int = 2,
+        loss_normalize: str = "batch",
+    ) -> None:
+        super().__init__()
+        if cell_type not in CELL_TYPES:
+            raise ValueError(
+                f"Unknown cell_type {cell_type!r}; choose one of {', '.join(CELL_TYPES)} (model.cell_type)."
+            )
+        for name, value in (("vocab_size", vocab_size), ("input_dim", input_dim),
+                            ("wordvec_dim", wordvec_dim), ("hidden_dim", hidden_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"CaptioningRNN: {name} must be a positive integer, got {value!r}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"CaptioningRNN: dropout must be in [0, 1), got {dropout!r} (model.dropout).")
+        self.vocab_size, self.input_dim = vocab_size, input_dim
+        self.wordvec_dim, self.hidden_dim, self.cell_type = wordvec_dim, hidden_dim, cell_type
+        self.null_id, self.start_id, self.end_id = null_id, start_id, end_id
+        self.loss_normalize = loss_normalize
+
+        if cell_type == "attention":
+            self.feature_proj: nn.Module = nn.Conv2d(input_dim, hidden_dim, kernel_size=1)
+        else:
+            self.feature_proj = nn.Linear(input_dim, hidden_dim)
+        self.embed = nn.Embedding(vocab_size, wordvec_dim)
+        core = {"rnn": RNN, "lstm": LSTM, "attention": AttentionLSTM}[cell_type]
+        self.core = core(wordvec_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.vocab_proj = nn.Linear(hidden_dim, vocab_size)
+
+    # ---------------------------------------------------------------------------------------------
+    # Training
+    def init_state(self, features: Tensor) -> DecoderState:
+        """features (N, D) or (N, D, h, w) -> the state before the first word."""
+        if self.cell_type == "attention":
+            if features.dim() != 4:
+                raise ValueError(
+                    "cell_type='attention' needs a spatial feature map (N, D, h, w) from the encoder, got "
+                    f"features of shape {tuple(features.shape)}; use an encoder that keeps the spatial map."
+                )
+            A = self.feature_proj(features)
+            h0 = A.mean(dim=(2, 3))
+            return DecoderState(h=h0, c=h0, A=A)
+        if features.dim() == 4:
+            features = features.mean(dim=(2, 3))
+        h0 = self.feature_proj(features)
+        return DecoderState(h=h0, c=torch.zeros_like(h0) if self.cell_type == "lstm" else None)
+
+    def hidden_states(self, features: Tensor, captions_in: Tensor) -> Tensor:
+        """Teacher-forced hidden states: features, captions_in (N, T) -> h (N, T, H)."""
+        state = self.init_state(features)
+        x = self.dropout(self.embed(captions_in))
+        if self.cell_type == "attention":
+            return self.core(x, state.A)
+        return self.core(x, state.h)
+
+    def forward(
+        self, features: Tensor, captions: Tensor, return_scores: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Teacher-forced loss: features (N, D) or (N, D, h, w), captions (N, T+1) -> scalar loss.
+
+        ``captions_in = captions[:, :-1]`` is fed, ``captions_out = captions[:, 1:]`` is predicted;
+        ``<NULL>`` targets are ignored. With ``return_scores`` also returns scores (N, T, V).
+        """
+        captions_in, captions_out = captions[:, :-1], captions[:, 1:]
+        h = self.hidden_states(features, captions_in)
+        scores = self.vocab_proj(self.dropout(h))
+        loss = temporal_softmax_loss(scores, captions_out, self.null_id, self.loss_normalize)
+        return (loss, scores) if return_scores else loss
+
+    # ---------------------------------------------------------------------------------------------
+    # Decoding
+    def step(self, words: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """Feed one word per row: words (N,) -> scores (N, V), next state, attention weights (N, h, w) or None.
+
+        The scores of ``<NULL>`` and ``<START>`` are -inf: a decoder never emits them.
+        """
+        x = self.embed(words)
+        weights = None
+        if self.cell_type == "rnn":
+            state = DecoderState(h=self.core.step(x, state.h))
+        elif self.cell_type == "lstm":
+            h, c = self.core.step(x, state.h, state.c)
+            state = DecoderState(h=h, c=c)
+        else:
+            h, c, weights = self.core.step(x, state.h, state.c, state.A)
+            state = DecoderState(h=h, c=c, A=state.A)
+        scores = self.vocab_proj(state.h)
+        scores[:, [self.null_id, self.start_id]] = float("-inf")
+        return scores, state, weights
+
+    @torch.no_grad()
+    def sample(self, features: Tensor, max_length: int = 16) -> tuple[Tensor, Tensor | None]:
+        """Greedy decoding, batched over the N images.
+
+        Starts every row from ``<START>``, feeds back its own most likely word, and stops each row at its
+        own ``<END>`` (kept in the output); the rest of an ended row is ``<NULL>``. The loop stops as soon as
+        every row has ended.
+
+        Returns captions (N, max_length) without ``<START>``, and for ``attention`` the attention weights
+        (N, max_length, h, w) of every step (zeros after a row's end), else None.
+        """
+        N = features.shape[0]
+        state = self.init_state(features)
+        words = features.new_full((N,), self.start_id, dtype=torch.long)
+        captions = features.new_full((N, max_length), self.null_id, dtype=torch.long)
+        attn_weights = None
+        if state.A is not None:
+            attn_weights = features.new_zeros((N, max_length, *state.A.shape[2:]))
+        done = torch.zeros(N, dtype=torch.bool, device=features.device)
+        for t in range(max_length):
+            scores, state, weights = self.step(words, state)
+            words = scores.argmax(dim=1).masked_fill(done, self.null_id)
+            captions[:, t] = words
+            if weights is not None:
+                attn_weights[:, t] = weights.masked_fill(done.view(N, 1, 1), 0.0)
+            done = done | (words == self.end_id)
+            if bool(done.all()):
+                break
+        return captions, attn_weights
