@@ -1,0 +1,227 @@
+"""Caption vocabulary: tokenisation, word <-> id maps, encoding, decoding and padding.
+
+Token ids follow DESIGN.md: ``<NULL>`` = 0 (padding), ``<START>`` = 1, ``<END>`` = 2, ``<UNK>`` = 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NOT_WORD_CHARS = re.compile(r"[^a-z0-9 ]")
+
+
+class Vocabulary:
+    """A fixed word list; the position of a word in ``idx_to_word`` is its id.
+
+    The first four entries are always the special tokens ``<NULL>``, ``<START>``, ``<END>``, ``<UNK>``.
+    """
+
+    NULL, START, END, UNK = "<NULL>", "<START>", "<END>", "<UNK>"
+    SPECIALS = (NULL, START, END, UNK)
+
+    def __init__(self, idx_to_word: Sequence[str]) -> None:
+        words = list(idx_to_word)
+        if tuple(words[: len(self.SPECIALS)]) != self.SPECIALS:
+            raise ValueError(
+                f"A vocabulary must start with the special tokens {list(self.SPECIALS)} in this order "
+                f"(ids 0-3), but it starts with {words[: len(self.SPECIALS)]}. Build it with "
+                "Vocabulary.build(captions) or fix the word list."
+            )
+        not_str = [w for w in words if not isinstance(w, str) or not w]
+        if not_str:
+            raise ValueError(
+                f"Every vocabulary entry must be a non-empty string; found {not_str[:5]!r}."
+            )
+        duplicates = sorted(w for w, n in Counter(words).items() if n > 1)
+        if duplicates:
+            raise ValueError(
+                f"The vocabulary lists these words more than once: {duplicates[:10]}; each word needs a "
+                "single id. Rebuild it with Vocabulary.build(captions)."
+            )
+        self.idx_to_word: list[str] = words
+        self.word_to_idx: dict[str, int] = {w: i for i, w in enumerate(words)}
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def tokenize(caption: str) -> list[str]:
+        """Lower-case, replace everything but ``a-z``, ``0-9`` and spaces by a space, split on whitespace."""
+        return _NOT_WORD_CHARS.sub(" ", caption.lower()).split()
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_word_count: int = 1) -> Vocabulary:
+        """Vocabulary of every word seen at least ``min_word_count`` times in ``captions``.
+
+        Words are ordered by count (most frequent first), ties alphabetically, so the result
+        depends only on the multiset of captions. Rarer words later encode to ``<UNK>``.
+        """
+        if isinstance(min_word_count, bool) or not isinstance(min_word_count, int) or min_word_count < 1:
+            raise ValueError(f"min_word_count must be an integer >= 1, got {min_word_count!r}.")
+        counts: Counter[str] = Counter()
+        for caption in captions:
+            counts.update(cls.tokenize(caption))
+        kept = sorted((w for w, n in counts.items() if n >= min_word_count), key=lambda w: (-counts[w], w))
+        return cls([*cls.SPECIALS, *kept])
+
+    # ------------------------------------------------------------------ lookup
+    def __len__(self) -> int:
+        return len(self.idx_to_word)
+
+    def __getitem__(self, word: str) -> int:
+        return self.word_to_idx.get(word, self.unk_id)
+
+    def __contains__(self, word: object) -> bool:
+        return word in self.word_to_idx
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.idx_to_word == other.idx_to_word
+
+    __hash__ = None  # type: ignore[assignment]  # mutable lists inside; equality is by content
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({len(self)} words)"
+
+    @property
+    def null_id(self) -> int:
+        return 0
+
+    @property
+    def start_id(self) -> int:
+        return 1
+
+    @property
+    def end_id(self) -> int:
+        return 2
+
+    @property
+    def unk_id(self) -> int:
+        return 3
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, caption: str, max_length: int) -> list[int]:
+        """``[<START>] + ids of the first max_length words + [<END>]``; unknown words -> ``<UNK>``."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1 (words per caption), got {max_length!r}.")
+        words = self.tokenize(caption)[:max_length]
+        return [self.start_id, *(self[w] for w in words), self.end_id]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Words of ``ids`` (a sequence or 1-D tensor) joined by spaces.
+
+        Stops at the first ``<END>``; ``<NULL>`` and ``<START>`` are skipped; ``<UNK>`` is kept.
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(
+                    f"decode takes one caption, a 1-D tensor of ids; got shape {tuple(ids.shape)}. "
+                    "Use decode_batch for (N, L)."
+                )
+            ids = ids.tolist()
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i in (self.null_id, self.start_id):
+                continue
+            if not 0 <= i < len(self):
+                raise ValueError(f"Token id {i} is outside this vocabulary of {len(self)} words.")
+            words.append(self.idx_to_word[i])
+        return " ".join(words)
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        """(N, L) ids -> N strings, each decoded as in :meth:`decode`."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"decode_batch takes a (N, L) tensor of ids, got {shape}.")
+        return [self.decode(row) for row in ids.tolist()]
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, list[str]]:
+        """Plain JSON-able form, stored inside checkpoints: ``{"idx_to_word": [...]}``."""
+        return {"idx_to_word": list(self.idx_to_word)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Vocabulary:
+        if not isinstance(d, dict) or not isinstance(d.get("idx_to_word"), list):
+            raise ValueError(
+                "A vocabulary dict needs the key 'idx_to_word' holding a list of words; got "
+                f"{type(d).__name__} with keys {sorted(d) if isinstance(d, dict) else '-'}."
+            )
+        return cls(d["idx_to_word"])
+
+    def save(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+        """Write the vocabulary (and optional plain ``metadata``) as JSON, atomically.
+
+        The file appears complete or not at all, so a reader on another rank never sees half of it.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload: dict[str, Any] = self.to_dict()
+        if metadata:
+            payload["metadata"] = metadata
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @staticmethod
+    def _read_json(path: Path) -> Any:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Vocabulary file {path} does not exist. It is written by the DataModule's prepare_data() "
+                "from the training captions; run that first or point vocab_path at an existing file."
+            )
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"Vocabulary file {path} is not readable JSON ({err}). Delete it so prepare_data() "
+                "rebuilds it from the training captions."
+            ) from err
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Vocabulary:
+        path = Path(path)
+        data = cls._read_json(path)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(
+                f"Vocabulary file {path} is not a valid vocabulary: {err} Delete it so prepare_data() "
+                "rebuilds it."
+            ) from err
+
+    @classmethod
+    def read_metadata(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The ``metadata`` saved beside the words, ``{}`` when there is none or the file is unreadable."""
+        try:
+            data = cls._read_json(Path(path))
+        except (FileNotFoundError, ValueError):
+            return {}
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        return meta if isinstance(meta, dict) else {}
+
+
+def pad_captions(captions: Sequence[Sequence[int] | torch.Tensor], pad_id: int = 0) -> torch.Tensor:
+    """Stack encoded captions into a LongTensor (N, T+1), right-padded with ``pad_id`` (``<NULL>``).
+
+    T+1 is the length of the longest caption given.
+    """
+    if len(captions) == 0:
+        raise ValueError("pad_captions needs at least one caption, got an empty list.")
+    rows = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in captions]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)

@@ -1,0 +1,16 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+TINY_SHAPES = {"num_train": 20, "num_val": 5, "num_test": 5, "image_size": 32, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_root(tmp_path_factory):
+    """A tiny built-in shapes set (20/5/5 images, 32 px, seed 0), drawn once per test session.
+
+    Treat it as read-only; tests that change files should copy it or generate their own.
+    """
+    from captioning.data.shapes import generate_shapes_dataset  # here, so collection stays light
+
+    return generate_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", progress=False, **TINY_SHAPES)

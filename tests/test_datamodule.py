@@ -1,0 +1,321 @@
+"""CocoCaptionsDataModule on official-layout COCO files written by the test, and ShapesDataModule."""
+
+import json
+import re
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from captioning.data import CocoCaptionsDataModule, ShapesDataModule, Vocabulary
+from captioning.data.coco import collate_captions
+
+TRAIN_CAPTIONS = {
+    1: ["A dog runs on the grass.", "a brown dog running", "the dog is running fast on green grass today"],
+    2: ["A cat sleeps.", "a cat on a sofa"],
+    3: ["Two dogs and a cat!", "a dog and a cat play", "animals play"],
+}
+VAL_CAPTIONS = {
+    10: ["a dog on the grass", "A zebra grazes."],
+    11: ["a cat sleeping", "a sleepy cat on a sofa", "cat"],
+    12: ["a dog"],
+}
+
+
+def _file_name(split, year, image_id):
+    # The two official naming schemes.
+    return f"COCO_{split}{year}_{image_id:012d}.jpg" if year == "2014" else f"{image_id:012d}.jpg"
+
+
+def write_coco(root, year, split, captions, modes=("RGB", "L", "RGBA")):
+    """Official layout: annotations/captions_<split><year>.json and <split><year>/ with tiny JPEG/PNG files."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    folder = root / f"{split}{year}"
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for k, (image_id, caps) in enumerate(captions.items()):
+        mode = modes[k % len(modes)]
+        name = _file_name(split, year, image_id)
+        size = (20 + 7 * k, 30 - 3 * k)  # not square: the transform makes it square
+        Image.new(mode, size, color=(40 * k, 100, 200, 255)[: len(mode)] if mode != "L" else 90).convert(
+            "RGB" if mode == "RGBA" else mode).save(folder / name, format="JPEG")
+        images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1]})
+        for c in caps:
+            annotations.append({"id": 1000 * image_id + len(annotations), "image_id": image_id, "caption": c})
+    coco = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
+    (root / "annotations" / f"captions_{split}{year}.json").write_text(json.dumps(coco))
+
+
+@pytest.fixture(params=["2014", "2017"])
+def coco_root(request, tmp_path):
+    root = tmp_path / "coco"
+    write_coco(root, request.param, "train", TRAIN_CAPTIONS)
+    write_coco(root, request.param, "val", VAL_CAPTIONS)
+    write_coco(root, request.param, "test", VAL_CAPTIONS)
+    return root, request.param
+
+
+def make_dm(root, year, **kwargs):
+    args = {"root": str(root), "year": year, "image_size": 16, "max_length": 5, "min_word_count": 2,
+            "batch_size": 4, "num_workers": 0} | kwargs
+    return CocoCaptionsDataModule(**args)
+
+
+def check_captions(captions, max_length):
+    assert captions.dtype == torch.long and captions.dim() == 2
+    assert captions.shape[1] <= max_length + 2
+    assert (captions[:, 0] == 1).all()
+    for row in captions.tolist():
+        end = row.index(2)
+        assert 1 <= end <= max_length + 1
+        assert all(t == 0 for t in row[end + 1:])
+        assert all(t not in (0, 1, 2) for t in row[1:end])
+    lengths = [r.index(2) + 1 for r in captions.tolist()]
+    assert max(lengths) == captions.shape[1]  # padded to the longest in the batch, no further
+
+
+def test_prepare_and_setup_give_train_batches_of_pairs(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year)
+    dm.prepare_data()
+    assert dm.vocab_path == root / f"vocab_train{year}_min2.json"
+    assert dm.vocab_path.is_file()
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == sum(len(c) for c in TRAIN_CAPTIONS.values())
+    seen_ids = []
+    for batch in dm.train_dataloader():
+        assert set(batch) == {"images", "captions", "image_ids"}
+        n = batch["images"].shape[0]
+        assert batch["images"].shape == (n, 3, 16, 16) and batch["images"].dtype == torch.float32
+        assert batch["image_ids"].shape == (n,) and batch["image_ids"].dtype == torch.long
+        assert batch["captions"].shape[0] == n
+        check_captions(batch["captions"], max_length=5)
+        seen_ids += batch["image_ids"].tolist()
+    assert sorted(seen_ids) == sorted(i for i, c in TRAIN_CAPTIONS.items() for _ in c)
+
+
+def test_vocab_comes_from_train_captions_with_min_count(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year)
+    dm.prepare_data()
+    dm.setup("fit")
+    vocab = dm.vocab
+    assert vocab.idx_to_word[:4] == ["<NULL>", "<START>", "<END>", "<UNK>"]
+    expected = Vocabulary.build([c for caps in TRAIN_CAPTIONS.values() for c in caps], min_word_count=2)
+    assert vocab == expected
+    assert "zebra" not in vocab  # val-only words stay out
+    assert "brown" not in vocab  # seen once in training
+    # Caption of a training pair, truncated to max_length words, with <UNK> for rare words.
+    ds = dm.datasets["train"]
+    assert ds[1]["caption"].tolist() == vocab.encode("a brown dog running", 5)
+    assert ds[1]["caption"].tolist()[2] == vocab.unk_id
+    assert ds[2]["caption"].tolist() == vocab.encode("the dog is running fast", 5)
+
+
+def test_val_iterates_each_image_once_with_all_references(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year, batch_size=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    refs, ids = {}, []
+    for batch in dm.val_dataloader():
+        assert set(batch) == {"images", "captions", "image_ids", "references"}
+        check_captions(batch["captions"], max_length=5)
+        for image_id, references, caption in zip(batch["image_ids"].tolist(), batch["references"],
+                                                 batch["captions"], strict=True):
+            refs[image_id] = references
+            assert dm.vocab.decode(caption) == dm.vocab.decode(dm.vocab.encode(references[0], 5))
+        ids += batch["image_ids"].tolist()
+    assert ids == list(VAL_CAPTIONS)  # once each, in file order (no shuffling)
+    assert refs == {i: [c.strip() for c in caps] for i, caps in VAL_CAPTIONS.items()}
+    assert dm.references("val") == refs
+    assert dm.references("test") == refs
+
+
+def test_test_stage_and_missing_test_split(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year)
+    dm.prepare_data()
+    dm.setup("test")
+    assert len(dm.test_dataloader().dataset) == len(VAL_CAPTIONS)
+    dm = make_dm(root, year, test_split=None)
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="test"):
+        dm.test_dataloader()
+
+
+def test_prepare_data_reuses_the_vocabulary_and_rebuilds_it_when_captions_change(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year)
+    dm.prepare_data()
+    first = dm.vocab_path.stat().st_mtime_ns
+    dm.prepare_data()
+    assert dm.vocab_path.stat().st_mtime_ns == first
+    write_coco(root, year, "train", TRAIN_CAPTIONS | {4: ["a zebra", "a zebra grazes"]})
+    dm.prepare_data()
+    dm.setup("fit")
+    assert "zebra" in dm.vocab
+
+
+def test_workers_deliver_the_same_batches(coco_root):
+    root, year = coco_root
+    batches = []
+    for workers in (0, 1):
+        dm = make_dm(root, year, num_workers=workers)
+        dm.prepare_data()
+        dm.setup("validate")
+        batches.append(list(dm.val_dataloader()))
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["captions"], b["captions"])
+
+
+def test_images_are_normalised_rgb():
+    # A mid-grey image normalises to (0.5 - mean) / std per channel.
+    from captioning.data.coco import IMAGENET_MEAN, IMAGENET_STD, image_transform
+    x = image_transform(8)(Image.new("RGB", (10, 6), (128, 128, 128)))
+    assert x.shape == (3, 8, 8)
+    expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(x[:, 4, 4], expected, atol=1e-5, rtol=0)
+
+
+def test_collate_pads_and_keeps_references():
+    samples = [{"image": torch.zeros(3, 2, 2), "caption": torch.tensor([1, 5, 2]), "image_id": 7,
+                "references": ["a b"]},
+               {"image": torch.ones(3, 2, 2), "caption": torch.tensor([1, 2]), "image_id": 9,
+                "references": ["c", "d"]}]
+    batch = collate_captions(samples)
+    assert batch["captions"].tolist() == [[1, 5, 2], [1, 2, 0]]
+    assert batch["image_ids"].tolist() == [7, 9]
+    assert batch["references"] == [["a b"], ["c", "d"]]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _message(excinfo):
+    return str(excinfo.value)
+
+
+def test_missing_root_is_named(tmp_path):
+    root = tmp_path / "nowhere"
+    dm = make_dm(root, "2017")
+    with pytest.raises(FileNotFoundError) as err:
+        dm.prepare_data()
+    assert str(root) in _message(err) and "data.root" in _message(err)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(root))):
+        dm.setup("fit")
+
+
+def test_missing_annotation_file_names_the_expected_path(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year, val_split="minival")
+    dm.prepare_data()
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("fit")
+    expected = root / "annotations" / f"captions_minival{year}.json"
+    assert str(expected) in _message(err) and f"{root}/minival{year}/" in _message(err)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ('{"images": [', "not readable JSON"),
+    ("[1, 2]", "JSON list"),
+    ('{"images": []}', "'annotations'"),
+    ('{"images": [{"id": 1}], "annotations": []}', "file_name"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": 1}]}',
+     "caption"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": 2, '
+     '"caption": "x"}]}', "image ids not in"),
+])
+def test_bad_annotation_files_are_explained(tmp_path, content, problem):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    path = root / "annotations" / "captions_train2017.json"
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        make_dm(root, "2017").prepare_data()
+    assert str(path) in _message(err) and problem in _message(err)
+
+
+def test_corrupt_vocabulary_file_is_named(coco_root):
+    root, year = coco_root
+    path = root / "my_vocab.json"
+    path.write_text("not json")
+    dm = make_dm(root, year, vocab_path=str(path))
+    dm.prepare_data()  # an explicit vocab file is used as given
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        dm.setup("fit")
+
+
+def test_missing_image_is_named(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year)
+    dm.prepare_data()
+    dm.setup("fit")
+    missing = root / f"val{year}" / _file_name("val", year, 11)
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        list(dm.val_dataloader())
+
+
+def test_vocab_before_prepare_data_says_what_to_do(coco_root):
+    root, year = coco_root
+    with pytest.raises(RuntimeError, match="prepare_data"):
+        _ = make_dm(root, year).vocab
+
+
+def test_bad_constructor_values_are_rejected():
+    with pytest.raises(ValueError, match="data.batch_size"):
+        CocoCaptionsDataModule(root="x", batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+def test_shapes_datamodule_generates_then_reuses(tmp_path):
+    args = {"root": str(tmp_path / "shapes"), "num_train": 12, "num_val": 4, "num_test": 4, "image_size": 24,
+            "batch_size": 8, "num_workers": 0, "progress": False}
+    dm = ShapesDataModule(**args)
+    assert dm.hparams["num_train"] == 12 and dm.hparams["root"] == args["root"]
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape == (8, 3, 24, 24)
+    check_captions(batch["captions"], max_length=16)
+    assert len(dm.datasets["train"]) == 12 * 5 and len(dm.datasets["val"]) == 4
+    assert 10 < len(dm.vocab) < 60
+
+    stamp = (tmp_path / "shapes" / "shapes_version.json").stat().st_mtime_ns
+    again = ShapesDataModule(**args)
+    again.prepare_data()
+    again.setup("fit")  # setup on an existing set
+    assert (tmp_path / "shapes" / "shapes_version.json").stat().st_mtime_ns == stamp
+    assert again.vocab == dm.vocab
+
+
+def test_shapes_datamodule_runs_in_a_lightning_trainer(tiny_shapes_root, tmp_path):
+    """The batch dicts survive Lightning's loop (prepare_data/setup hooks, device transfer)."""
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.val_references = []
+
+        def training_step(self, batch, batch_idx):
+            return (batch["images"].mean() + batch["captions"].float().mean()) * self.weight.sum() + self.weight.sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.val_references += batch["references"]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    import shutil
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes_root, root)
+    dm = ShapesDataModule(root=str(root), num_train=20, num_val=5, num_test=5, image_size=32, batch_size=4,
+                          num_workers=0, progress=False)
+    probe = Probe()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
+    trainer.fit(probe, datamodule=dm)
+    assert len(probe.val_references) == 5 and all(len(r) == 5 for r in probe.val_references)
