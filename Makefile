@@ -1,0 +1,43 @@
+# make train / make test: each creates .venv/ and installs into it on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where torch comes from. For a CUDA build of your choice, e.g.:
+#   make install TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: install train test test-fast test-slow bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,sweeps]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## train on the built-in data set (pass overrides with ARGS="model=attention trainer.max_epochs=5")
+train: install
+	$(PY) src/train.py $(ARGS)
+
+## the whole test suite: fast tests, then the slow end-to-end, DDP and sweep tests
+test: install
+	WANDB_MODE=offline $(PY) -m pytest -q
+	WANDB_MODE=offline $(PY) -m pytest -q -m slow
+
+test-fast: install
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+test-slow: install
+	WANDB_MODE=offline $(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf outputs multirun .pytest_cache

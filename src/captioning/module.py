@@ -1,0 +1,216 @@
+"""The LightningModule: training, validation and test logic around encoder + CaptioningRNN."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+
+from .metrics import CaptionScorer, DecodedCaptions
+from .models import CaptioningRNN
+from .models.decoding import CaptionDecoder, Decoded
+
+__all__ = ["CaptioningModule"]
+
+SPECIALS = ("<NULL>", "<START>", "<END>", "<UNK>")
+
+
+def _plain(value: Any) -> Any:
+    """Hydra nodes -> plain dicts and lists, so hyperparameters load with ``torch.load(weights_only=True)``."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class CaptioningModule(L.LightningModule):
+    """Encoder + recurrent decoder, trained with the masked temporal softmax loss.
+
+    Every argument is a plain value (the Hydra node of its config group), so the checkpoint alone rebuilds
+    the model: ``CaptioningModule.load_from_checkpoint(path)``.
+
+    Args:
+        encoder: ``_target_`` config of the image encoder (``conf/encoder``), mapping images (N, 3, S, S)
+            to a feature map (N, D, h, w).
+        decoder: ``_target_`` config of ``CaptioningRNN`` (``conf/model``) without ``vocab_size`` and
+            ``input_dim``, which come from the data and the encoder.
+        optimizer: partial ``torch.optim`` config (``_partial_: true``), called with the parameter groups.
+        scheduler: partial LR-scheduler config, or None.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
+        scheduler_monitor: the metric a ``ReduceLROnPlateau`` scheduler watches.
+        encoder_lr: learning rate of a trainable pretrained encoder (None: the optimizer's).
+        decoding: ``_target_`` config of the ``CaptionDecoder`` used in validation and test.
+        vocab: the vocabulary as its list of words (index = id); filled in from the datamodule at fit time
+            and stored in the checkpoint so that captions can be decoded from the checkpoint alone.
+    """
+
+    def __init__(
+        self,
+        encoder: Mapping[str, Any],
+        decoder: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str = "val/loss",
+        encoder_lr: float | None = None,
+        decoding: Mapping[str, Any] | None = None,
+        vocab: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "encoder": _plain(encoder),
+                "decoder": _plain(decoder),
+                "optimizer": _plain(optimizer),
+                "scheduler": _plain(scheduler),
+                "scheduler_interval": scheduler_interval,
+                "scheduler_monitor": scheduler_monitor,
+                "encoder_lr": encoder_lr,
+                "decoding": _plain(decoding) or {},
+                "vocab": list(vocab) if vocab is not None else None,
+            }
+        )
+        self.encoder: nn.Module = instantiate(self.hparams.encoder)
+        self.decoder: CaptioningRNN | None = None
+        self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
+        self.scorers: dict[str, CaptionScorer] = {}
+        self.predictions: dict[str, dict[int, str]] = {}
+        if vocab is not None:
+            self._build_decoder(list(vocab))
+
+    # ---------------------------------------------------------------------------------------------
+    # Building
+    @property
+    def vocab(self) -> list[str]:
+        return self.hparams.vocab
+
+    def _build_decoder(self, vocab: list[str]) -> None:
+        if tuple(vocab[:4]) != SPECIALS:
+            raise ValueError(f"The vocabulary must start with {SPECIALS}; got {tuple(vocab[:4])}.")
+        self.hparams.vocab = vocab
+        self.decoder = instantiate(
+            self.hparams.decoder, vocab_size=len(vocab), input_dim=self.encoder.out_dim, null_id=0, start_id=1,
+            end_id=2,
+        )
+
+    def set_decoding(self, decoding: CaptionDecoder) -> None:
+        """Use another decoding strategy (eval.py and caption.py override the checkpoint's)."""
+        self.decoding = decoding
+        self.collectors = nn.ModuleDict(
+            {stage: DecodedCaptions(max_length=decoding.max_length) for stage in ("val", "test")}
+        )
+
+    def setup(self, stage: str) -> None:
+        """Size the decoder from the datamodule's vocabulary; get the references the metrics need."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None:
+            if self.decoder is None:
+                raise RuntimeError("CaptioningModule needs a datamodule with a vocabulary (or a checkpoint).")
+            return
+        data_vocab = list(datamodule.vocab.idx_to_word)
+        if self.decoder is None:
+            self._build_decoder(data_vocab)
+        elif data_vocab != self.vocab:
+            raise ValueError(
+                f"The model's vocabulary ({len(self.vocab)} words) differs from the data's "
+                f"({len(data_vocab)} words, {datamodule.vocab_path}). A checkpoint only decodes with the "
+                "vocabulary it was trained with: use the data set (and data.min_word_count / data.max_length) "
+                "it was trained on."
+            )
+        for split, name in (("val", "validate"), ("test", "test")):
+            if stage in ("fit", name) and split not in self.scorers:
+                self.scorers[split] = CaptionScorer(datamodule.references(split))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("vocab")
+        if saved is not None and self.decoder is not None and saved != self.vocab:
+            raise ValueError(
+                f"The checkpoint's vocabulary ({len(saved)} words) differs from the data's ({len(self.vocab)} "
+                "words): resume or evaluate it on the data set (and data.min_word_count / data.max_length) it "
+                "was trained on."
+            )
+
+    # ---------------------------------------------------------------------------------------------
+    # Steps
+    def encode(self, batch: Mapping[str, Any]) -> Tensor:
+        """Features (N, D, h, w): from the feature cache when the batch has them, else from the images."""
+        if "features" in batch:
+            return batch["features"]
+        return self.encoder(batch["images"])
+
+    def forward(self, images: Tensor) -> Decoded:
+        """Images (N, 3, S, S) -> decoded captions with the configured strategy."""
+        return self.decoding(self.decoder, self.encoder(images))
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        loss = self.decoder(self.encode(batch), batch["captions"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["captions"]))
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        features = self.encode(batch)
+        loss = self.decoder(features, batch["captions"])
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["captions"]))
+        decoded = self.decoding(self.decoder, features)
+        self.collectors[stage].update(batch["image_ids"], decoded.captions)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        # DecodedCaptions gathers every rank's captions and drops the DistributedSampler's repeats, so all
+        # ranks score exactly the split, once per image: the same numbers as one process.
+        decoded = self.collectors[stage].compute()
+        self.collectors[stage].reset()
+        predictions = {image_id: self.caption_text(ids) for image_id, ids in decoded.items()}
+        self.predictions[stage] = predictions
+        if not predictions or self.trainer.sanity_checking:
+            return
+        for name, value in self.scorers[stage](predictions).items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"), sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def caption_text(self, ids: Tensor | Sequence[int]) -> str:
+        """Word ids -> caption text, up to ``<END>``, without ``<NULL>`` / ``<START>``."""
+        words = []
+        for i in ids.tolist() if isinstance(ids, Tensor) else ids:
+            if i == 2:
+                break
+            if i > 1:
+                words.append(self.vocab[i])
+        return " ".join(words)
+
+    # ---------------------------------------------------------------------------------------------
+    # Optimisation
+    def configure_optimizers(self) -> Any:
+        decoder_params = [p for p in self.decoder.parameters() if p.requires_grad]
+        encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
+        groups = [{"params": decoder_params, "name": "decoder"}]
+        if encoder_params:
+            group = {"params": encoder_params, "name": "encoder"}
+            if self.hparams.encoder_lr is not None:
+                group["lr"] = self.hparams.encoder_lr
+            groups.append(group)
+        optimizer = instantiate(self.hparams.optimizer)(groups)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": self.hparams.scheduler_monitor,
+            },
+        }

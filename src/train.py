@@ -1,0 +1,50 @@
+"""Train a captioner: ``python src/train.py [group=option ...] [key=value ...]``.
+
+Composes the run from conf/ (train.yaml and its groups), then fits, tests the best checkpoint and
+returns the optimised metric (for sweeps).
+"""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from captioning.utils import instantiate_dict, print_config, resolve_ckpt_path, save_config, seed_everything
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    print_config(cfg)
+    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
+    seed_everything(cfg.get("seed"))
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    module: L.LightningModule = instantiate(cfg.module, _recursive_=False)
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test") and datamodule.hparams.get("test_split", "test") and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    elif cfg.get("test") and trainer.fast_dev_run:
+        trainer.test(module, datamodule=datamodule)
+
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        # Each job of a sweep is its own W&B run; close it before the next job starts.
+        for logger in trainer.loggers:
+            if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+                logger.experiment.finish()
+    return value
+
+
+if __name__ == "__main__":
+    main()
