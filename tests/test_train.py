@@ -1,0 +1,93 @@
+"""src/train.py end to end through the Hydra entry point: fast_dev_run, a real short run, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path, *extra):
+    return [
+        f"paths.root_dir={tmp_path}", "data.num_train=64", "data.num_val=16", "data.num_test=16",
+        "data.image_size=32", "data.num_workers=0", "data.persistent_workers=false", "data.progress=false",
+        "data.batch_size=16", "model.hidden_dim=32", "model.wordvec_dim=16", "encoder.channels=[8,16,32]",
+        "encoder.out_dim=32", "logger=csv", "callbacks.progress_bar=null", *extra,
+    ]
+
+
+def train(overrides, check=True):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_dirs(tmp_path, task="train"):
+    return sorted((tmp_path / "outputs" / task / "runs").iterdir())
+
+
+def test_fast_dev_run_through_hydra_entry_point(tmp_path):
+    train(tiny(tmp_path, "debug=fdr"))
+    (run,) = run_dirs(tmp_path, "debug")
+    assert (run / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+    assert (tmp_path / "data" / "shapes" / "annotations" / "captions_train2017.json").is_file()
+
+
+def test_real_training_writes_checkpoints_metrics_and_report(tmp_path):
+    proc = train(tiny(tmp_path, "trainer.max_epochs=2", "model=attention"))
+    (run,) = run_dirs(tmp_path)
+    ckpts = {p.name for p in (run / "checkpoints").iterdir()}
+    assert "last.ckpt" in ckpts and any(n.startswith("epoch") for n in ckpts)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
+    for key in ("val/loss", "val/bleu1", "val/bleu4", "val/cider"):
+        assert isinstance(metrics["final"][key], float) and isinstance(metrics["best"][key], float)
+    assert metrics["best"]["val/loss"] <= metrics["epochs"][0]["val/loss"]
+    assert metrics["epochs"][1]["val/loss"] < metrics["epochs"][0]["val/loss"]  # it learns
+    assert set(metrics["test"]) >= {"test/loss", "test/bleu4", "test/cider"}
+    assert metrics["blind_baseline"]["caption"] and metrics["val_images"] == 16
+    assert "blind baseline" in proc.stdout and "Sample validation captions" in proc.stdout
+    # The checkpoint alone rebuilds the model, vocabulary included, and loads with weights_only.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    vocab = ckpt["hyper_parameters"]["vocab"]
+    assert vocab[:4] == ["<NULL>", "<START>", "<END>", "<UNK>"] and len(vocab) > 10
+    assert (run / "csv" / "metrics.csv").is_file()
+
+
+def test_resume_from_last_checkpoint(tmp_path):
+    train(tiny(tmp_path, "trainer.max_epochs=1", "test=false"))
+    (first,) = run_dirs(tmp_path)
+    last = first / "checkpoints" / "last.ckpt"
+    step_after_one = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert step_after_one == 20  # 64 images x 5 captions / batch 16
+    train(tiny(tmp_path, "trainer.max_epochs=2", "test=false", "ckpt_path=last"))
+    second = [d for d in run_dirs(tmp_path) if d != first][0]
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 2 * step_after_one and resumed["epoch"] == 1
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]  # history carried over from the first run
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = train(tiny(tmp_path, "ckpt_path=/nonexistent/last.ckpt"), check=False)
+    assert proc.returncode != 0
+    assert "ckpt_path=/nonexistent/last.ckpt: no such checkpoint file" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_default_run_learns_to_look(tmp_path):
+    """A shortened default run beats the blind baseline and gives image-dependent captions."""
+    train([f"paths.root_dir={tmp_path}", "data.num_train=1500", "data.num_val=200", "data.num_test=50",
+           "data.progress=false", "trainer.max_epochs=4", "logger=csv", "callbacks.progress_bar=null"])
+    (run,) = run_dirs(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best"]["val/bleu4"] > metrics["blind_baseline"]["bleu4"] + 0.1
+    assert metrics["distinct_val_captions"] > 20
