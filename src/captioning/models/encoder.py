@@ -1,0 +1,397 @@
+"""Image encoders: images (N, 3, S, S) -> feature map (N, D, h, w).
+
+Every encoder returns a spatial map, never a pooled vector: the attention decoder attends over the h*w
+positions and the vanilla decoders mean-pool the map themselves. Each encoder exposes
+
+- ``out_dim``: D, the number of channels of the map;
+- ``frozen``: True when its parameters are fixed (no gradients, BatchNorm statistics kept);
+- ``normalization``: the ``(mean, std)`` its inputs expect, or None when it learns from raw [0, 1] pixels;
+- ``cache_key``: a string that changes whenever the features it computes would (for feature caches).
+
+Hydra instantiates the classes directly through ``_target_``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SmallCNN(nn.Module):
+    """A small CNN trained from scratch — the default for the built-in 64x64 shapes data set.
+
+    One conv3x3-bn-relu block with stride 2 per entry of ``channels``, then a 1x1 conv-bn-relu to ``out_dim``
+    channels: the map is S / 2**len(channels) on a side, 4x4 at 64 px with the default four blocks (16
+    positions for attention). Fully convolutional, so any image size divisible by ``downsampling`` works.
+    Doubling the channels at each halving keeps every block at the same cost; the 1x1 head widens the
+    features without paying 9x for it (0.3 G multiply-adds forward at batch 64, 64 px).
+
+    With ``coordinates`` (CoordConv, Liu et al. 2018) two channels holding each pixel's x and y in [-1, 1]
+    are appended to the input. Captions of the built-in set say "left of" / "above"; a decoder that mean-pools
+    the map would otherwise lose where things are, since convolutions are translation-equivariant.
+    """
+
+    def __init__(
+        self,
+        out_dim: int = 256,
+        channels: tuple[int, ...] | list[int] = (16, 32, 64, 128),
+        batch_norm: bool = True,
+        coordinates: bool = True,
+    ) -> None:
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if out_dim <= 0 or not channels or min(channels) <= 0:
+            raise ValueError(
+                f"SmallCNN needs a positive out_dim and at least one positive channel count; got "
+                f"out_dim={out_dim}, channels={channels}."
+            )
+        self.out_dim = int(out_dim)
+        self.coordinates = coordinates
+        self.downsampling = 2 ** len(channels)
+
+        in_dims = (3 + (2 if coordinates else 0), *channels[:-1])
+        blocks = [
+            _conv_bn_relu(c_in, c_out, 3, 2, batch_norm)
+            for c_in, c_out in zip(in_dims, channels, strict=True)
+        ]
+        blocks.append(_conv_bn_relu(channels[-1], self.out_dim, 1, 1, batch_norm))
+        self.blocks = nn.Sequential(*blocks)
+
+    @property
+    def frozen(self) -> bool:
+        return False
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        return None
+
+    @property
+    def cache_key(self) -> str:
+        # A from-scratch encoder trains with the captioner, so its features are never cacheable by name.
+        return f"small_cnn|id{id(self)}"
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (N, 3, S, S) -> feature map (N, out_dim, S/f, S/f) with f = ``self.downsampling``."""
+        if self.coordinates:
+            images = torch.cat([images, _coordinate_channels(images)], dim=1)
+        # channels-last makes CPU BatchNorm and small convolutions several times faster (oneDNN's layout).
+        return self.blocks(images.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int, batch_norm: bool) -> nn.Sequential:
+    # The conv bias is redundant in front of BatchNorm's own shift.
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=not batch_norm)
+    layers: list[nn.Module] = [conv, nn.BatchNorm2d(c_out)] if batch_norm else [conv]
+    layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _coordinate_channels(images: Tensor) -> Tensor:
+    """images (N, C, H, W) -> (N, 2, H, W): x then y of each pixel, in [-1, 1]."""
+    n, _, h, w = images.shape
+    ys = torch.linspace(-1.0, 1.0, h, dtype=images.dtype, device=images.device)
+    xs = torch.linspace(-1.0, 1.0, w, dtype=images.dtype, device=images.device)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).expand(n, 2, h, w)
+
+
+# Which children of each torchvision family make up the convolutional trunk, and which head modules to keep
+# as its last layer (ConvNeXt's final LayerNorm2d belongs to the representation, not the classifier).
+# Keeping torchvision's child names means the trunk's state_dict keys are the classification model's own.
+_FAMILIES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "mobilenet_v2": (("features",), ()),
+    "mobilenet_v3_": (("features",), ()),
+    "efficientnet_": (("features",), ()),
+    "convnext_": (("features",), (0,)),
+    "resnet": (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), ()),
+    "resnext": (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), ()),
+    "wide_resnet": (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), ()),
+    "regnet_": (("stem", "trunk_output"), ()),
+}
+
+
+def supported_backbones() -> list[str]:
+    """The torchvision model names TorchvisionEncoder accepts."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    return [n for n in names if _family(n) is not None]
+
+
+def _family(name: str) -> str | None:
+    return next((prefix for prefix in _FAMILIES if name.startswith(prefix)), None)
+
+
+class TorchvisionEncoder(nn.Module):
+    """The convolutional trunk of a torchvision classification model (classifier and global pool dropped).
+
+    Args:
+        name: a torchvision model name, see ``supported_backbones()``: mobilenet_v2, mobilenet_v3_{small,large},
+            efficientnet_b0..b7 / efficientnet_v2_{s,m,l}, convnext_{tiny,small,base,large}, resnet18..152,
+            resnext*, wide_resnet*, regnet_{x,y}_*.
+        weights: None (random init); a torchvision weights name — "DEFAULT", "IMAGENET1K_V1" or the full
+            "ResNet50_Weights.IMAGENET1K_V2"; or the path of a local ``.pth``/``.pt`` state_dict of the
+            classification model (plain, or nested under "state_dict"/"model"; a "module." prefix is
+            stripped; classifier keys are ignored).
+        freeze: fix all parameters and keep the trunk in eval mode even when the parent calls ``.train()``,
+            so BatchNorm statistics do not drift.
+        spatial_size: adaptive-average-pool the map to (s, s) (e.g. 4 at 112 px as the courses do, 7, 14);
+            None keeps the trunk's own size: S/32 rounded up (ConvNeXt: rounded down), 2x2 at 64 px, 7x7 at 224.
+        cache_dir: where named weights are looked for (and downloaded to); default
+            ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub/checkpoints``).
+        download: whether to download named weights missing from the cache. The download is only tried when
+            the weights host answers within ``download_timeout`` seconds, so an offline machine fails at once
+            with a message naming the file to place, instead of hanging.
+    """
+
+    def __init__(
+        self,
+        name: str = "mobilenet_v2",
+        weights: str | os.PathLike | None = None,
+        freeze: bool = False,
+        spatial_size: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        download: bool = True,
+        download_timeout: float = 3.0,
+    ) -> None:
+        super().__init__()
+        family = _family(name)
+        if family is None or name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(
+                f"encoder name {name!r} is not a supported torchvision backbone. Use one of: "
+                f"{', '.join(supported_backbones())}. (Vision transformers and other non-convolutional "
+                f"models are not supported: the decoder needs a feature map.)"
+            )
+        if spatial_size is not None and spatial_size <= 0:
+            raise ValueError(f"encoder spatial_size must be a positive int or null; got {spatial_size}.")
+
+        self.name = name
+        self.spatial_size = spatial_size
+        model = torchvision.models.get_model(name, weights=None)
+        self.trunk, head_keys = _split_trunk(model, family)
+        self.out_dim = _head_in_features(model, name)
+        self.pool: nn.Module = nn.AdaptiveAvgPool2d(spatial_size) if spatial_size else nn.Identity()
+        self._normalization = (IMAGENET_MEAN, IMAGENET_STD)
+        self._weights_id = "random"
+
+        if weights is not None:
+            state_dict, source, self._weights_id = _resolve_weights(
+                name, weights, cache_dir, download, download_timeout
+            )
+            _load_trunk(self.trunk, state_dict, head_keys, name, source)
+
+        self._frozen = bool(freeze)
+        if self._frozen:
+            self.trunk.requires_grad_(False)
+            self.trunk.eval()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of ImageNet, which every torchvision classification weight expects."""
+        return self._normalization
+
+    @property
+    def cache_key(self) -> str:
+        if not self._frozen:
+            return f"{self.name}|trainable|id{id(self)}"
+        return f"{self.name}|{self._weights_id}|pool{self.spatial_size}"
+
+    def train(self, mode: bool = True) -> TorchvisionEncoder:
+        super().train(mode)
+        if self._frozen:
+            self.trunk.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (N, 3, S, S), normalized with ``self.normalization`` -> feature map (N, out_dim, h, w)."""
+        return self.pool(self.trunk(images))
+
+
+def _split_trunk(model: nn.Module, family: str) -> tuple[nn.Sequential, set[str]]:
+    """The trunk as an nn.Sequential named like the model's children, and the model's other state keys."""
+    children, kept_head = _FAMILIES[family]
+    parts: OrderedDict[str, nn.Module] = OrderedDict((c, getattr(model, c)) for c in children)
+    if kept_head:
+        # Same index as in model.classifier, so the key stays e.g. "classifier.0.weight".
+        classifier = model.classifier
+        parts["classifier"] = nn.Sequential(OrderedDict((str(i), classifier[i]) for i in kept_head))
+    trunk = nn.Sequential(parts)
+    head_keys = set(model.state_dict()) - set(trunk.state_dict())
+    return trunk, head_keys
+
+
+def _head_in_features(model: nn.Module, name: str) -> int:
+    """The channel count of the trunk's output: what the classifier's first Linear takes in."""
+    head = model.fc if hasattr(model, "fc") else model.classifier
+    linear = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
+    if linear is None:  # pragma: no cover - every supported family has a Linear head
+        raise ValueError(f"cannot find the classifier of torchvision model {name!r} to size its features.")
+    return int(linear.in_features)
+
+
+def _resolve_weights(
+    name: str,
+    weights: str | os.PathLike,
+    cache_dir: str | os.PathLike | None,
+    download: bool,
+    timeout: float,
+) -> tuple[dict[str, Tensor], str, str]:
+    """-> (state_dict, where it came from for error messages, an identity for cache keys)."""
+    text = os.fspath(weights)
+    if _looks_like_path(text):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"encoder weights file {path} does not exist. Give the path of a .pth/.pt state_dict of "
+                f"torchvision's {name!r}, a torchvision weights name such as 'DEFAULT', or null for random init."
+            )
+        stat = path.stat()
+        return _read_state_dict(path), str(path), f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+    entry = _weights_entry(name, text)
+    file_name = os.path.basename(urlparse(entry.url).path)
+    directory = (
+        Path(cache_dir).expanduser() if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    )
+    path = directory / file_name
+    if not path.is_file():
+        _download(entry.url, path, name, str(entry), download, timeout)
+    return _read_state_dict(path), str(path), str(entry)
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        text.endswith((".pth", ".pt", ".bin", ".ckpt"))
+        or os.sep in text
+        or "/" in text
+        or Path(text).is_file()
+    )
+
+
+def _weights_entry(name: str, text: str) -> Any:
+    """'DEFAULT' / 'IMAGENET1K_V1' / 'ResNet50_Weights.IMAGENET1K_V1' -> the torchvision weights enum member."""
+    enum = torchvision.models.get_model_weights(name)
+    member = text.split(".", 1)[1] if "." in text else text
+    if "." in text and text.split(".", 1)[0] != enum.__name__:
+        member = ""  # another model's weights: report below
+    try:
+        return enum[member]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *(m.name for m in enum)])
+        raise ValueError(
+            f"encoder weights {text!r} are not torchvision weights of {name!r}. Use one of: {choices} "
+            f"(or {enum.__name__}.<NAME>), a local .pth/.pt file, or null for random init."
+        ) from None
+
+
+def _download(url: str, path: Path, name: str, weights: str, download: bool, timeout: float) -> None:
+    """Fetch ``url`` to ``path``, or fail at once with what to do when that is impossible."""
+    instructions = (
+        f"Pretrained weights {weights} for encoder {name!r} are not in the cache: expected the file "
+        f"{path.name} in {path.parent}. On a machine with network, download {url} and copy it to "
+        f"{path} (or set TORCH_HOME / encoder.cache_dir to where it is); or use encoder.weights=null for "
+        f"random init, or encoder.weights=/path/to/state_dict.pth for a local file."
+    )
+    if not download:
+        raise FileNotFoundError(f"{instructions} (Downloading is switched off: download=False.)")
+    host = urlparse(url)
+    if not _reachable(host.hostname or "", host.port or 443, timeout):
+        raise FileNotFoundError(f"{instructions} (The weights host {host.hostname} is not reachable.)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = re.search(r"-([a-f0-9]+)\.", path.name)
+    try:
+        # torch.hub writes to a temporary file and moves it into place, so an interrupted download
+        # never leaves a truncated checkpoint behind.
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=digest.group(1) if digest else None)
+    except (OSError, RuntimeError) as error:
+        raise FileNotFoundError(f"{instructions} (The download failed: {error}.)") from None
+
+
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to host:port opens within ``timeout`` seconds (DNS included)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # DNS lookups ignore socket timeouts; a daemon thread bounds the whole probe.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(
+            f"cannot read encoder weights file {path}: {type(error).__name__}: {error}. It must be a "
+            f"state_dict saved with torch.save; if it is a partial download, delete it and retry."
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise ValueError(
+            f"encoder weights file {path} does not hold a state_dict (a dict of tensors, possibly under "
+            f"'state_dict' or 'model'); found {type(loaded).__name__}."
+        )
+    return _with_metadata(
+        {k.removeprefix("module."): v for k, v in loaded.items()},
+        {k.removeprefix("module."): v for k, v in getattr(loaded, "_metadata", {}).items()},
+    )
+
+
+def _with_metadata(state_dict: dict[str, Tensor], metadata: dict[str, Any]) -> OrderedDict[str, Tensor]:
+    # Modules read their saved version from `_metadata` to upgrade old checkpoints (BatchNorm fills in
+    # num_batches_tracked, absent from older torchvision weights), so a rebuilt dict must carry it along.
+    result = OrderedDict(state_dict)
+    result._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+def _load_trunk(
+    trunk: nn.Module, state_dict: dict[str, Tensor], head_keys: set[str], name: str, source: str
+) -> None:
+    trunk_state = _with_metadata(
+        {k: v for k, v in state_dict.items() if k not in head_keys}, getattr(state_dict, "_metadata", {})
+    )
+    expected = trunk.state_dict()
+    # Old weights lack BatchNorm's num_batches_tracked; load_state_dict fills it in (see _with_metadata).
+    missing = sorted(k for k in set(expected) - set(trunk_state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(trunk_state) - set(expected))
+    mismatched = sorted(
+        k for k in set(expected) & set(trunk_state) if expected[k].shape != trunk_state[k].shape
+    )
+    if missing or unexpected or mismatched:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        raise ValueError(
+            f"encoder weights {source} do not fit torchvision's {name!r}: "
+            f"{len(missing)} missing keys [{show(missing)}], {len(unexpected)} unexpected keys "
+            f"[{show(unexpected)}], {len(mismatched)} keys of another shape [{show(mismatched)}]. "
+            f"Is it a state_dict of a different architecture? Set encoder.name to the model it was saved from."
+        )
+    trunk.load_state_dict(trunk_state)
