@@ -9,7 +9,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-
 from captioning.utils import instantiate_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,20 +1,32 @@
-"""Callbacks: the end-of-run report (metrics.json, the blind baseline, sample captions)."""
+"""Callbacks: the end-of-run report (metrics.json, the blind baseline, sample captions), training
+throughput, and the W&B dashboard (sample-caption tables, attention maps, best metrics in the summary).
+
+The W&B callbacks do nothing unless the trainer has a W&B logger, so they can stay in the default set.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+import time
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from .metrics import CaptionScorer, tokenize
+from .data.coco import load_image
+from .loggers import find_wandb_logger
+from .metrics import CaptionScorer, corpus_bleu, tokenize
+from .visualize import attention_overlay
 
-__all__ = ["RunReport", "best_constant_caption"]
+__all__ = ["RunReport", "best_constant_caption", "Throughput", "WandbSummary", "WandbCaptionSamples"]
 
 
 def _higher_is_better(name: str) -> bool:
@@ -133,3 +145,263 @@ class RunReport(L.Callback):
             samples.add_row(str(image_id), predictions[image_id], references[image_id][0])
         console.print(samples)
         console.print(f"metrics written to {self.path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Throughput
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Throughput(L.Callback):
+    """Training throughput, logged as ``train/images_per_sec`` and ``train/tokens_per_sec``.
+
+    Rates are over the last ``window`` training batches, timed from one batch's end to the next's, so
+    data loading counts (it is part of what a run costs). A training sample is one (image, caption) pair;
+    its tokens are the caption's targets ``captions[:, 1:]`` that are not ``<NULL>`` (the words and
+    ``<END>``: what the loss is computed on). Under DDP the rates are rank 0's times the number of
+    processes (every process steps through equal batches). Validation pauses are not counted.
+
+    Args:
+        window: batches the rates average over.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        if window < 1:
+            raise ValueError(f"Throughput: window must be >= 1 batch, got {window!r}.")
+        self.window = window
+        self._times: deque[float] = deque(maxlen=window + 1)
+        self._images: deque[int] = deque(maxlen=window)
+        # token counts stay tensors on the device: converting each step would synchronise the GPU
+        self._tokens: deque[torch.Tensor] = deque(maxlen=window)
+
+    def _restart(self) -> None:
+        self._times.clear()
+        self._images.clear()
+        self._tokens.clear()
+        self._times.append(time.perf_counter())
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restart()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # validation inside fit: its time is not training's
+            self._restart()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        captions = batch["captions"]
+        self._times.append(time.perf_counter())
+        self._images.append(len(captions))
+        self._tokens.append((captions[:, 1:] != 0).sum())
+        elapsed = self._times[-1] - self._times[0]
+        if elapsed <= 0:
+            return
+        scale = trainer.world_size / elapsed
+        pl_module.log("train/images_per_sec", sum(self._images) * scale, on_step=True, on_epoch=False,
+                      batch_size=1)
+        pl_module.log("train/tokens_per_sec", torch.stack(list(self._tokens)).sum().float() * scale,
+                      on_step=True, on_epoch=False, batch_size=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights & Biases
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _wandb_logger(trainer: L.Trainer) -> Any | None:
+    """The trainer's W&B logger on rank 0, else None (other ranks, no W&B logger, ``mode=disabled``)."""
+    if not trainer.is_global_zero:
+        return None
+    logger = find_wandb_logger(trainer.loggers)
+    return None if logger is None or getattr(logger, "mode", None) == "disabled" else logger
+
+
+def _wandb_run(trainer: L.Trainer) -> Any | None:
+    logger = _wandb_logger(trainer)
+    return None if logger is None else logger.experiment
+
+
+class WandbSummary(L.Callback):
+    """Best validation numbers in the W&B run summary, so the runs table of a project or sweep sorts by them.
+
+    After every validation epoch: ``best/val/<metric>`` (the highest BLEU/CIDEr, the lowest loss so far) and
+    ``best/epoch`` (the epoch where ``monitor`` was best). At the end of training, when a :class:`RunReport`
+    ran before it: ``blind_baseline/<metric>`` (the best constant caption's scores) and
+    ``distinct_val_captions``, the two numbers that expose a captioner that ignores the image.
+
+    Args:
+        monitor: the metric whose best epoch is ``best/epoch`` (the one sweeps optimise).
+    """
+
+    def __init__(self, monitor: str = "val/bleu4") -> None:
+        self.monitor = monitor
+        self.best: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = dict(state_dict.get("best", {}))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        improved: dict[str, float] = {}
+        for name, value in trainer.callback_metrics.items():
+            value = float(value)
+            if not name.startswith("val/") or not math.isfinite(value):
+                continue
+            key = f"best/{name}"
+            if key not in self.best or (value > self.best[key]) == _higher_is_better(name):
+                self.best[key] = improved[key] = value
+                if name == self.monitor:
+                    self.best["best/epoch"] = improved["best/epoch"] = trainer.current_epoch
+        run = _wandb_run(trainer)
+        if run is not None and improved:
+            run.summary.update(improved)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run = _wandb_run(trainer)
+        report = next((cb.report for cb in trainer.callbacks if isinstance(cb, RunReport)), {})
+        if run is None or "blind_baseline" not in report:
+            return
+        blind = report["blind_baseline"]
+        run.summary.update({f"blind_baseline/{k}": v for k, v in blind.items() if k != "caption"})
+        run.summary.update({"blind_baseline/caption": blind["caption"],
+                            "distinct_val_captions": report["distinct_val_captions"]})
+
+
+class WandbCaptionSamples(L.Callback):
+    """Every validation epoch, a ``wandb.Table`` of the same validation images with their captions.
+
+    The images are the first ``num_images`` of the validation split (annotation-file order), fixed for the
+    whole run, so one image's caption can be followed from epoch to epoch. Columns: ``epoch``,
+    ``image_id``, ``image``, ``caption`` (the generated caption the metrics scored), ``references`` and
+    ``bleu4`` (the image's sentence BLEU-4 against its references, COCO's formula); for the attention
+    model also ``attention``: the image and, for every generated word, where the decoder looked
+    (:func:`captioning.visualize.attention_overlay`), also logged as ``<key>_attention/<image_id>``.
+
+    Logged under ``key`` (default ``val/samples``) at the trainer's global step; at the end of training
+    the rows of every epoch are logged once more as one table, ``<key>_by_epoch``, to compare epochs side
+    by side (group it by ``image_id``).
+
+    Args:
+        num_images: fixed validation images in the table.
+        attention_images: of these, how many get attention overlays (attention model only; 0: none).
+        image_size: longer side of the images stored in the table, in pixels (full COCO images would make
+            every epoch's table megabytes).
+        key: the W&B key of the table.
+    """
+
+    def __init__(self, num_images: int = 16, attention_images: int = 4, image_size: int = 256,
+                 key: str = "val/samples") -> None:
+        if num_images < 1 or attention_images < 0 or image_size < 8:
+            raise ValueError(
+                f"WandbCaptionSamples: num_images must be >= 1, attention_images >= 0 and image_size >= 8; "
+                f"got {num_images}, {attention_images}, {image_size}."
+            )
+        self.num_images, self.attention_images = num_images, attention_images
+        self.image_size, self.key = image_size, key
+        self.rows: list[list[Any]] = []  # every epoch's rows, for the table at the end of training
+        self._columns: list[str] = []
+        self._samples: list[dict[str, Any]] | None = None
+
+    # -------------------------------------------------------------------------------------------
+    def _fixed_samples(self, trainer: L.Trainer) -> list[dict[str, Any]]:
+        """The fixed images: id, dataset index, references and the image itself (thumbnail + original)."""
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "datasets", {}).get("val") if datamodule is not None else None
+        split = getattr(dataset, "split", None)
+        if split is None:
+            rank_zero_warn("WandbCaptionSamples: the datamodule has no validation dataset with image files "
+                           "(datasets['val'].split); no sample table is logged.")
+            return []
+        references = datamodule.references("val")
+        index = {int(image_id): k for k, image_id in enumerate(split.image_ids)}
+        samples = []
+        for image_id in list(references)[: self.num_images]:
+            image = load_image(str(split.image_paths[index[image_id]]))
+            thumbnail = image.copy()
+            thumbnail.thumbnail((self.image_size, self.image_size), Image.BICUBIC)
+            samples.append({"image_id": image_id, "index": index[image_id], "references": references[image_id],
+                            "image": image, "thumbnail": thumbnail})
+        return samples
+
+    @torch.no_grad()
+    def _decode(self, trainer: L.Trainer, pl_module: L.LightningModule, samples: list[dict[str, Any]]) -> Any:
+        """The fixed images decoded as in validation: ``Decoded`` with attention weights for the attention
+        model. Reads the dataset items, so a feature cache (``features``) works as well as images."""
+        dataset = trainer.datamodule.datasets["val"]
+        items = [dataset[s["index"]] for s in samples]
+        field, key = ("features", "features") if "features" in items[0] else ("image", "images")
+        batch = {key: torch.stack([item[field] for item in items]).to(pl_module.device)}
+        # the precision the steps run in (autocast for mixed, the dtype of bf16-true / 16-true weights)
+        precision = trainer.precision_plugin
+        batch = precision.convert_input(batch)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with precision.forward_context():
+                return pl_module.decoding(pl_module.decoder, pl_module.encode(batch))
+        finally:
+            pl_module.train(was_training)
+
+    def _words(self, pl_module: L.LightningModule, ids: torch.Tensor) -> list[str]:
+        """Token ids -> the words the decoder emitted, ``<END>`` included (each has an attention map)."""
+        words = []
+        for i in ids.tolist():
+            if i == 0:
+                break
+            words.append(pl_module.vocab[i])
+            if i == 2:
+                break
+        return words
+
+    # -------------------------------------------------------------------------------------------
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = _wandb_logger(trainer)
+        if trainer.sanity_checking or logger is None:
+            return
+        import wandb
+
+        if self._samples is None:
+            self._samples = self._fixed_samples(trainer)
+        if not self._samples:
+            return
+        decoded = self._decode(trainer, pl_module, self._samples)
+        predictions = getattr(pl_module, "predictions", {}).get("val", {})
+        with_attention = decoded.attn_weights is not None and self.attention_images > 0
+        columns = ["epoch", "image_id", "image", "caption", "references", "bleu4"]
+        if with_attention:
+            columns.append("attention")
+        table = wandb.Table(columns=columns)
+        metrics: dict[str, Any] = {self.key: table}
+        for k, sample in enumerate(self._samples):
+            image_id = sample["image_id"]
+            caption = predictions.get(image_id, pl_module.caption_text(decoded.captions[k]))
+            bleu4 = corpus_bleu([caption], [sample["references"]])[3]
+            row = [trainer.current_epoch, image_id, wandb.Image(sample["thumbnail"]), caption,
+                   "\n".join(sample["references"]), bleu4]
+            if with_attention:
+                overlay = None
+                if k < self.attention_images:
+                    words = self._words(pl_module, decoded.captions[k])
+                    picture = attention_overlay(sample["image"], words, decoded.attn_weights[k])
+                    overlay = wandb.Image(picture, caption=f"{image_id}: {caption}")
+                    # one key per image: its panel's step slider walks through the epochs
+                    metrics[f"{self.key}_attention/{image_id}"] = overlay
+                row.append(overlay)
+            table.add_data(*row)
+            self.rows.append(row)
+        self._columns = columns
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = _wandb_logger(trainer)
+        if not self.rows or logger is None:
+            return
+        import wandb
+
+        logger.log_metrics({f"{self.key}_by_epoch": wandb.Table(columns=self._columns, data=self.rows)},
+                           step=trainer.global_step)

@@ -1,27 +1,35 @@
-"""Loggers: W&B that goes offline by itself instead of failing a run."""
+"""Loggers: W&B that goes offline by itself instead of failing a run, with the run's whole config."""
 
 from __future__ import annotations
 
+import netrc
 import os
 import socket
+import sys
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from omegaconf import OmegaConf
 
-__all__ = ["WandbLogger", "resolve_wandb_mode"]
+__all__ = ["WandbLogger", "resolve_wandb_mode", "find_wandb_logger", "hydra_run_labels"]
 
 MODES = ("auto", "online", "offline", "disabled")
+# W&B refuses longer run names.
+MAX_NAME = 128
 
 
-def _has_api_key() -> bool:
+def _has_api_key(host: str) -> bool:
+    """An API key in ``WANDB_API_KEY`` or, as ``wandb login`` saves it, in the netrc file for ``host``."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc")).expanduser()
     try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
         return False
 
 
@@ -45,8 +53,63 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
         return {"dryrun": "offline", "run": "online"}.get(env, env)
     if mode != "auto":
         return mode
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    return "online" if _has_api_key() and _reachable(host.split(":")[0]) else "offline"
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    return "online" if _has_api_key(host) and _reachable(host, port) else "offline"
+
+
+def hydra_run_labels() -> dict[str, Any]:
+    """What Hydra knows about this job: its command-line overrides and, in a multirun, a W&B group
+    (the sweep, e.g. ``train-2026-01-31_12-00-00``) and run name (job number + its overrides).
+
+    Empty outside a Hydra app (tests, notebooks).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    labels: dict[str, Any] = {"overrides": list(hydra.overrides.task)}
+    if hydra.mode is not None and hydra.mode.name == "MULTIRUN":
+        labels["group"] = f"{hydra.job.name}-{Path(str(hydra.sweep.dir)).name}"
+        swept = _swept_keys(hydra)
+        own = [o for o in hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+        labels["name"] = f"{hydra.job.num}:{','.join(own) or hydra.job.override_dirname}"[:MAX_NAME]
+    return labels
+
+
+def _swept_keys(hydra: Any) -> set[str]:
+    """The keys a multirun varies: its sweep overrides (``key=a,b``, ``range(...)``) on the command line
+    and the search-space keys of a sweeper such as Optuna (``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = set((hydra.sweeper.get("params") or {}).keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    except Exception:  # not a Hydra command line (another launcher's argv): only the sweeper's keys
+        return swept
+    return swept | {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+def _load_run_config(config_file: str | None, output_dir: str | None) -> dict[str, Any]:
+    """The resolved run config the entry point saved (``config.yaml`` beside the outputs), plus where the
+    outputs are, as a plain dict for ``wandb.init(config=...)``."""
+    config: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if path.is_file():
+            config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        else:
+            rank_zero_warn(f"logger.wandb.config_file={config_file} does not exist; the W&B run config will "
+                           "hold only what the LightningModule saves as hyperparameters.")
+    if output_dir:
+        config["output_dir"] = str(Path(output_dir).absolute())
+    return config
+
+
+def find_wandb_logger(loggers: list[Any]) -> WandbLogger | _LightningWandbLogger | None:
+    """The first W&B logger of a trainer's loggers, or None."""
+    return next((lg for lg in loggers if isinstance(lg, _LightningWandbLogger)), None)
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -54,6 +117,28 @@ class WandbLogger(_LightningWandbLogger):
 
     An offline run keeps everything under ``<save_dir>/wandb/`` and prints one line on how to upload it
     later with ``wandb sync``; a run never fails because W&B is unreachable.
+
+    On top of Lightning's logger:
+
+    - the run config is the whole resolved run config (``config_file``, which train.py writes before it
+      builds the loggers) plus ``output_dir`` and Hydra's ``overrides``; ``output_dir`` is also in the
+      run summary, so a dashboard row leads to the checkpoints and metrics.json on disk;
+    - in a Hydra multirun each job is its own W&B run, grouped by the sweep and named after its overrides
+      (unless ``group``/``name`` are set);
+    - the vocabulary the LightningModule keeps among its hyperparameters goes to the config as
+      ``vocab_size`` only (the word list would swamp the dashboard's config table);
+    - when the trainer fails, the run is finished as failed, so that the next job of a multirun starts
+      a run of its own instead of continuing this one.
+
+    Args:
+        project, entity, name, group, tags, notes: as for ``wandb.init``.
+        mode: ``auto`` | ``online`` | ``offline`` | ``disabled``; ``WANDB_MODE`` in the environment wins.
+        save_dir: where the ``wandb/`` folder goes (the run's output dir).
+        log_model: checkpoints as W&B artifacts (``True``: at the end of training; ``"all"``: every one).
+            Only when online; offline runs keep their checkpoints on disk only.
+        config_file: YAML file with the resolved run config (None: no config but the module's).
+        output_dir: the run's output dir, recorded in the config and summary.
+        **kwargs: passed on to ``wandb.init``.
     """
 
     def __init__(
@@ -67,18 +152,58 @@ class WandbLogger(_LightningWandbLogger):
         mode: str = "auto",
         save_dir: str = ".",
         log_model: bool | str = False,
+        config_file: str | None = None,
+        output_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.mode = resolve_wandb_mode(mode)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         # Checkpoints become artifacts only when there is a server to upload them to.
         log_model = log_model if self.mode == "online" else False
+        labels = hydra_run_labels()
+        config = _load_run_config(config_file, output_dir)
+        if labels.get("overrides") is not None:
+            config["overrides"] = labels["overrides"]
+        config.update(kwargs.pop("config", None) or {})
+        self.output_dir = config.get("output_dir")
         super().__init__(
-            project=project, entity=entity, name=name, group=group, tags=list(tags or []), notes=notes,
-            mode=self.mode, save_dir=save_dir, log_model=log_model, **kwargs,
+            project=project, entity=entity, name=name or labels.get("name"), group=group or labels.get("group"),
+            tags=list(tags or []), notes=notes, mode=self.mode, save_dir=save_dir, log_model=log_model,
+            config=config, **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:  # wandb 0.19+ warns about the setting even when unset
+            self._wandb_init.pop("anonymous", None)
         if self.mode == "offline":
             rank_zero_info(
                 f"W&B is offline (no API key or no network): the run is saved under {Path(save_dir) / 'wandb'}; "
                 f"upload it later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`."
             )
+
+    @property
+    def experiment(self) -> Any:
+        """The W&B run, created on first use (rank 0 only; other ranks get a no-op stand-in)."""
+        created = self._experiment is None
+        run = super().experiment
+        if created and self.output_dir and rank_zero_only.rank == 0 and hasattr(run, "summary"):
+            run.summary["output_dir"] = self.output_dir
+        return run
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
+        params = dict(vars(params) if isinstance(params, Namespace) else params)
+        vocab = params.pop("vocab", None)
+        if vocab is not None:
+            params["vocab_size"] = len(vocab)
+        super().log_hyperparams(params)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        # Lightning finalizes with "failed" when fit/test raises; nothing logs to this run afterwards.
+        if status == "failed" and self._experiment is not None and hasattr(self._experiment, "finish"):
+            self._experiment.finish(exit_code=1)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run now (entry points call it when the job ends); a no-op when none was started."""
+        if self._experiment is not None and rank_zero_only.rank == 0 and hasattr(self._experiment, "finish"):
+            self._experiment.finish(exit_code=exit_code)
