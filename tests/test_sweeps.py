@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -33,11 +32,10 @@ def compose_train(tmp_path: Path, overrides=(), multirun: bool = True):
 
 @pytest.fixture(scope="module")
 def entry():
-    """src/train.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "src" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The sweep guards train.py calls."""
+    from captioning import sweeps
+
+    return sweeps
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -61,10 +59,10 @@ def test_multirun_with_several_devices_is_refused(tmp_path, entry, overrides, re
     cfg = compose_train(tmp_path, overrides)
     if refused:
         with pytest.raises(ValueError, match=r"multirun \(-m\) cannot use trainer.devices=.*trainer.devices=1"):
-            entry._check_sweep(cfg)
+            entry.check_sweep(cfg)
     else:
-        entry._check_sweep(cfg)
-    entry._check_sweep(compose_train(tmp_path, overrides, multirun=False))  # a single run may use DDP
+        entry.check_sweep(cfg)
+    entry.check_sweep(compose_train(tmp_path, overrides, multirun=False))  # a single run may use DDP
 
 
 def test_multirun_ddp_under_slurm_is_allowed(tmp_path, entry, monkeypatch):
@@ -72,7 +70,7 @@ def test_multirun_ddp_under_slurm_is_allowed(tmp_path, entry, monkeypatch):
     for key, value in {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "n1", "SLURM_PROCID": "0",
                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "1"}.items():
         monkeypatch.setenv(key, value)
-    entry._check_sweep(compose_train(tmp_path, ["trainer=ddp_cpu"]))
+    entry.check_sweep(compose_train(tmp_path, ["trainer=ddp_cpu"]))
 
 
 def test_multirun_ddp_refusal_through_the_entry_point(tmp_path):
@@ -86,10 +84,10 @@ def test_multirun_ddp_refusal_through_the_entry_point(tmp_path):
 
 
 def test_optuna_direction_must_agree_with_the_metric(tmp_path, entry):
-    entry._check_sweep(compose_train(tmp_path, ["hparams_search=optuna"]))
+    entry.check_sweep(compose_train(tmp_path, ["hparams_search=optuna"]))
     with pytest.raises(ValueError, match="direction=maximize contradicts optimized_metric=val/loss"):
-        entry._check_sweep(compose_train(tmp_path, ["hparams_search=optuna", "optimized_metric=val/loss"]))
-    entry._check_sweep(compose_train(tmp_path, ["hparams_search=optuna", "optimized_metric=val/loss",
+        entry.check_sweep(compose_train(tmp_path, ["hparams_search=optuna", "optimized_metric=val/loss"]))
+    entry.check_sweep(compose_train(tmp_path, ["hparams_search=optuna", "optimized_metric=val/loss",
                                                 "hydra.sweeper.direction=minimize"]))
 
 
@@ -97,13 +95,13 @@ def test_optimized_value_is_a_float_and_a_missing_metric_is_explained(tmp_path, 
     import torch
 
     compose_train(tmp_path, multirun=True)
-    assert entry._optimized_value({"val/cider": float(torch.tensor(0.25))}, "val/cider") == 0.25
-    assert entry._optimized_value({"val/cider": 0.25}, None) is None
+    assert entry.optimized_value({"val/cider": float(torch.tensor(0.25))}, "val/cider") == 0.25
+    assert entry.optimized_value({"val/cider": 0.25}, None) is None
     with pytest.raises(ValueError, match=r"optimized_metric=val/meteor was not logged .*val/cider"):
-        entry._optimized_value({"val/cider": 0.25}, "val/meteor")
+        entry.optimized_value({"val/cider": 0.25}, "val/meteor")
     compose_train(tmp_path, multirun=False)  # a single run still ends well, with a warning
     with pytest.warns(UserWarning, match="optimized_metric=val/meteor was not logged"):
-        assert entry._optimized_value({"val/cider": 0.25}, "val/meteor") is None
+        assert entry.optimized_value({"val/cider": 0.25}, "val/meteor") is None
 
 
 # --------------------------------------------------------------------------------------------------------
