@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from .metrics import CaptionScorer, DecodedCaptions
 from .models import CaptioningRNN
 from .models.decoding import CaptionDecoder, Decoded
 
-__all__ = ["CaptioningModule"]
+__all__ = ["CaptioningModule", "load_checkpoint"]
 
 SPECIALS = ("<NULL>", "<START>", "<END>", "<UNK>")
 
@@ -173,7 +175,8 @@ class CaptioningModule(L.LightningModule):
         if not predictions or self.trainer.sanity_checking:
             return
         for name, value in self.scorers[stage](predictions).items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"), sync_dist=False)
+            # Equal on every rank already (computed from the gathered captions): syncing averages equal numbers.
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -193,6 +196,13 @@ class CaptioningModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------
     # Optimisation
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # The total L2 norm of the gradients, taken before clipping (which comes after this hook) and after
+        # AMP unscaling: spikes and drifts show an unstable run before its loss does.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+
     def configure_optimizers(self) -> Any:
         decoder_params = [p for p in self.decoder.parameters() if p.requires_grad]
         encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
@@ -214,3 +224,39 @@ class CaptioningModule(L.LightningModule):
                 "monitor": self.hparams.scheduler_monitor,
             },
         }
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[CaptioningModule, dict[str, Any]]:
+    """A trained module and the hyperparameters of the DataModule it was trained with ({} when not saved).
+
+    The checkpoint alone rebuilds the model (encoder and decoder config, vocabulary); the DataModule's
+    hyperparameters (``image_size``, the data set's root...) tell eval.py and caption.py how it saw images.
+    Raises FileNotFoundError / ValueError naming the file when it is missing or not a trained
+    ``CaptioningModule`` checkpoint, rather than a deep traceback from ``torch.load`` or Lightning.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} not found; pass the path of a .ckpt file written by train.py.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... on non-checkpoints
+        raise ValueError(
+            f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error}). Pass a .ckpt "
+            "file written by train.py (its runs keep them under <run dir>/checkpoints/)."
+        ) from error
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or not hparams.get("vocab"):
+        raise ValueError(
+            f"{path} is not a checkpoint of a trained CaptioningModule: it lacks the state_dict or the "
+            "hyperparameters with the encoder, decoder and vocabulary that train.py's checkpoints carry."
+        )
+    try:
+        module = CaptioningModule.load_from_checkpoint(path, map_location=map_location)
+    except RuntimeError as error:  # load_state_dict: missing / unexpected keys, size mismatches
+        raise ValueError(
+            f"The weights in {path} do not fit the model its saved config builds: {error}\nThe model code "
+            "changed since this checkpoint was trained; evaluate it with the version that trained it, or retrain."
+        ) from error
+    return module, dict(checkpoint.get("datamodule_hyper_parameters") or {})
