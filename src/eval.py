@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
 # DataModule arguments that say how to load, not what the data is: always the eval config's.
-LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "progress"})
+LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "progress",
+                         "feature_cache", "cache_dir", "feature_dtype", "on_bad_image", "max_image_pixels"})
 METRIC_ORDER = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -246,15 +247,34 @@ def test_corrupt_vocabulary_file_is_named(coco_root):
         dm.setup("fit")
 
 
-def test_missing_image_is_named(coco_root):
+def test_image_missing_at_setup_is_listed(coco_root):
     root, year = coco_root
     dm = make_dm(root, year)
     dm.prepare_data()
-    dm.setup("fit")
+    missing = [root / f"val{year}" / _file_name("val", year, i) for i in (10, 11)]
+    for path in missing:
+        path.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("fit")
+    message = _message(err)
+    assert "2 of the 3 images of the val split" in message and "data.root" in message
+    assert all(str(p) in message for p in missing)
+
+
+def test_image_vanishing_after_setup_is_skipped_or_named(coco_root):
+    root, year = coco_root
+    lenient, strict = make_dm(root, year), make_dm(root, year, on_bad_image="fail")
+    for dm in (lenient, strict):
+        dm.prepare_data()
+        dm.setup("fit")
     missing = root / f"val{year}" / _file_name("val", year, 11)
     missing.unlink()
+    with pytest.warns(UserWarning, match=re.escape(str(missing))):
+        ids = [i for batch in lenient.val_dataloader() for i in batch["image_ids"].tolist()]
+    assert ids == [10, 12]
+    assert lenient.bad_images == {"val": [str(missing)]} and lenient.bad_image_count == 1
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        list(dm.val_dataloader())
+        list(strict.val_dataloader())
 
 
 def test_vocab_before_prepare_data_says_what_to_do(coco_root):
@@ -319,3 +339,84 @@ def test_shapes_datamodule_runs_in_a_lightning_trainer(tiny_shapes_root, tmp_pat
                         num_sanity_val_steps=0)
     trainer.fit(probe, datamodule=dm)
     assert len(probe.val_references) == 5 and all(len(r) == 5 for r in probe.val_references)
+
+
+# ---------------------------------------------------------------------------------------------- karpathy
+KARPATHY = [  # (cocoid, folder, split, sentences)
+    (1, "train2014", "train", ["A dog runs on the grass.", "a brown dog"]),
+    (2, "train2014", "train", ["A cat sleeps.", "a cat on a sofa"]),
+    (3, "val2014", "restval", ["two dogs play", "a dog and a dog"]),
+    (4, "val2014", "restval", ["a red bus", "a bus on a road"]),
+    (5, "val2014", "val", ["a zebra grazes", "a zebra"]),
+    (6, "val2014", "val", ["a cat sleeping"]),
+    (7, "val2014", "test", ["a dog on a sofa"]),
+]
+
+
+def write_karpathy(root, entries=KARPATHY, name="dataset_coco.json"):
+    images = []
+    for k, (cocoid, folder, split, sentences) in enumerate(entries):
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (18 + k, 14), (30 * k, 90, 160)).save(root / folder / filename, format="JPEG")
+        images.append({"filepath": folder, "filename": filename, "imgid": k, "cocoid": cocoid, "split": split,
+                       "sentids": [], "sentences": [{"raw": s, "tokens": Vocabulary.tokenize(s)} for s in sentences]})
+    (root / name).write_text(json.dumps({"dataset": "coco", "images": images}))
+    return root
+
+
+@pytest.mark.parametrize("restval", [True, False])
+def test_karpathy_splits_with_and_without_restval(tmp_path, restval):
+    root = write_karpathy(tmp_path / "coco")
+    dm = make_dm(root, "2014", split_source="karpathy", restval=restval, test_split="test", min_word_count=1)
+    dm.prepare_data()
+    assert dm.vocab_path.name == f"vocab_karpathy_train{'+restval' if restval else ''}_min1.json"
+    dm.setup()
+    train_ids = {1, 2, 3, 4} if restval else {1, 2}
+    assert {int(i) for i in dm.datasets["train"].split.image_ids} == train_ids
+    assert len(dm.datasets["train"]) == 2 * len(train_ids)  # two sentences each
+    assert ("bus" in dm.vocab) == restval and "zebra" not in dm.vocab  # vocab from the training images only
+    assert dm.references("val") == {5: ["a zebra grazes", "a zebra"], 6: ["a cat sleeping"]}
+    assert dm.references("test") == {7: ["a dog on a sofa"]}
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["images"].shape == (2, 3, 16, 16) and batch["image_ids"].tolist() == [5, 6]
+    restval_image = str(root / "val2014" / "COCO_val2014_000000000003.jpg")  # restval images live in val2014
+    assert (restval_image in set(dm.datasets["train"].split.image_paths)) == restval
+    seen = sorted(i for b in dm.train_dataloader() for i in b["image_ids"].tolist())
+    assert seen == sorted([i for i in train_ids for _ in range(2)])
+
+
+def test_karpathy_file_option_and_errors(tmp_path):
+    root = write_karpathy(tmp_path / "coco", name="splits.json")
+    dm = make_dm(root, "2014", split_source="karpathy")
+    with pytest.raises(FileNotFoundError) as err:
+        dm.prepare_data()
+    assert str(root / "dataset_coco.json") in _message(err) and "data.karpathy_file" in _message(err)
+    dm = make_dm(root, "2014", split_source="karpathy", karpathy_file=str(root / "splits.json"), min_word_count=1)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.datasets["val"]) == 2
+
+    bad = root / "bad.json"
+    bad.write_text(json.dumps({"images": [{"filename": "a.jpg", "cocoid": 1, "split": "minival", "sentences": []}]}))
+    with pytest.raises(ValueError) as err:
+        make_dm(root, "2014", split_source="karpathy", karpathy_file=str(bad)).prepare_data()
+    assert str(bad) in _message(err) and "'minival'" in _message(err)
+    with pytest.raises(ValueError, match="split_source"):
+        make_dm(root, "2014", split_source="flickr")
+
+
+def test_coco_karpathy_config_instantiates(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    root = write_karpathy(tmp_path / "coco")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["data=coco_karpathy", f"data.root={root}", "data.min_word_count=1",
+                                          "data.image_size=16", "data.num_workers=0"])
+    dm = instantiate(cfg.data)
+    assert dm.split_source == "karpathy" and dm.restval and dm.splits["test"] == "test"
+    dm.prepare_data()
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 1

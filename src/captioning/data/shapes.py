@@ -432,11 +432,16 @@ class ShapesDataModule(CocoCaptionsDataModule):
                  num_test: int = 500, image_size: int = 64, seed: int = 0, max_length: int = 16,
                  min_word_count: int = 1, vocab_path: str | None = None, batch_size: int = 64,
                  num_workers: int = 2, pin_memory: bool = False, persistent_workers: bool = True,
-                 augment: bool = False, progress: bool = True) -> None:
+                 augment: bool = False, progress: bool = True, on_bad_image: str = "skip",
+                 max_image_pixels: int | None = None, feature_cache: bool = False, cache_dir: str | None = None,
+                 feature_dtype: str = "float16") -> None:
         super().__init__(root=root, year=YEAR, train_split="train", val_split="val", test_split="test",
                          image_size=image_size, max_length=max_length, min_word_count=min_word_count,
                          vocab_path=vocab_path, batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory, persistent_workers=persistent_workers, augment=augment)
+                         pin_memory=pin_memory, persistent_workers=persistent_workers, augment=augment,
+                         on_bad_image=on_bad_image, max_image_pixels=max_image_pixels,
+                         feature_cache=feature_cache, cache_dir=cache_dir, feature_dtype=feature_dtype,
+                         progress=progress)
         self.generator_args = {"num_train": num_train, "num_val": num_val, "num_test": num_test,
                                "image_size": image_size, "seed": seed}
         self.progress = progress
