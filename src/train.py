@@ -9,14 +9,22 @@ from __future__ import annotations
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from captioning.loggers import WandbLogger
 from captioning.sweeps import check_sweep, optimized_value
-from captioning.utils import instantiate_dict, print_config, resolve_ckpt_path, save_config, seed_everything
+from captioning.utils import (
+    explain_errors,
+    instantiate_dict,
+    print_config,
+    resolve_ckpt_path,
+    save_config,
+    seed_everything,
+)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@explain_errors
 def main(cfg: DictConfig) -> float | None:
     check_sweep(cfg)
     print_config(cfg)
@@ -25,6 +33,8 @@ def main(cfg: DictConfig) -> float | None:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     module: L.LightningModule = instantiate(cfg.module, _recursive_=False)
+    if cfg.data.get("feature_cache"):  # the frozen encoder's features, computed once in prepare_data
+        datamodule.use_encoder(module.encoder, OmegaConf.to_container(cfg.encoder, resolve=True))
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -14,3 +14,14 @@ def tiny_shapes_root(tmp_path_factory):
     from captioning.data.shapes import generate_shapes_dataset  # here, so collection stays light
 
     return generate_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", progress=False, **TINY_SHAPES)
+
+
+@pytest.fixture(autouse=True)
+def _forget_hydra():
+    """Tests that compose configs register them as the running job's (HydraConfig); don't leak that."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()

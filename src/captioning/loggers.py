@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from argparse import Namespace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -69,6 +70,8 @@ def hydra_run_labels() -> dict[str, Any]:
     if not HydraConfig.initialized():
         return {}
     hydra = HydraConfig.get()
+    if OmegaConf.is_missing(hydra.job, "num") and hydra.mode is not None and hydra.mode.name == "MULTIRUN":
+        return {}  # a composed (not launched) config, e.g. in tests: no job to label
     labels: dict[str, Any] = {"overrides": list(hydra.overrides.task)}
     if hydra.mode is not None and hydra.mode.name == "MULTIRUN":
         labels["group"] = f"{hydra.job.name}-{Path(str(hydra.sweep.dir)).name}"
@@ -195,6 +198,18 @@ class WandbLogger(_LightningWandbLogger):
         if vocab is not None:
             params["vocab_size"] = len(vocab)
         super().log_hyperparams(params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        # W&B going away mid-run (server down, disk full under wandb/) must not end a training run: warn
+        # once, keep training; the CSV logger still has every number.
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as error:  # wandb raises its own types, and OSError / ConnectionError
+            if not getattr(self, "_logging_failed", False):
+                rank_zero_warn(f"W&B logging failed ({type(error).__name__}: {error}); training goes on, "
+                               "metrics stay in the CSV log.")
+            self._logging_failed = True
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

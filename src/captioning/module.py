@@ -9,16 +9,29 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
+from .checkpointing import check_format, read_checkpoint, stamp
 from .metrics import CaptionScorer, DecodedCaptions
 from .models import CaptioningRNN
 from .models.decoding import CaptionDecoder, Decoded
 
-__all__ = ["CaptioningModule", "load_checkpoint"]
+__all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint"]
 
 SPECIALS = ("<NULL>", "<START>", "<END>", "<UNK>")
+NONFINITE_POLICIES = ("fail", "skip")
+# The config keys that shape the weights: a resume must match the checkpoint in these (dropout, freezing,
+# the loss normalisation... may change).
+ARCHITECTURE_KEYS = {
+    "decoder": ("_target_", "cell_type", "wordvec_dim", "hidden_dim"),
+    "encoder": ("_target_", "name", "out_dim", "channels", "batch_norm", "coordinates"),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (``module.nonfinite_loss=fail``)."""
 
 
 def _plain(value: Any) -> Any:
@@ -47,6 +60,9 @@ class CaptioningModule(L.LightningModule):
         decoding: ``_target_`` config of the ``CaptionDecoder`` used in validation and test.
         vocab: the vocabulary as its list of words (index = id); filled in from the datamodule at fit time
             and stored in the checkpoint so that captions can be decoded from the checkpoint alone.
+        nonfinite_loss: what a NaN or infinite training loss does: ``"fail"`` stops the run with
+            :class:`NonFiniteLossError` naming the step (before the update: the weights stay finite);
+            ``"skip"`` skips the step (no update), warns, and counts it in ``train/nonfinite_steps``.
     """
 
     def __init__(
@@ -60,8 +76,13 @@ class CaptioningModule(L.LightningModule):
         encoder_lr: float | None = None,
         decoding: Mapping[str, Any] | None = None,
         vocab: Sequence[str] | None = None,
+        nonfinite_loss: str = "fail",
     ) -> None:
         super().__init__()
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"module.nonfinite_loss={nonfinite_loss!r} is not one of {', '.join(NONFINITE_POLICIES)}."
+            )
         self.save_hyperparameters(
             {
                 "encoder": _plain(encoder),
@@ -73,8 +94,10 @@ class CaptioningModule(L.LightningModule):
                 "encoder_lr": encoder_lr,
                 "decoding": _plain(decoding) or {},
                 "vocab": list(vocab) if vocab is not None else None,
+                "nonfinite_loss": nonfinite_loss,
             }
         )
+        self.nonfinite_steps = 0
         self.encoder: nn.Module = instantiate(self.hparams.encoder)
         self.decoder: CaptioningRNN | None = None
         self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
@@ -126,8 +149,27 @@ class CaptioningModule(L.LightningModule):
             if stage in ("fit", name) and split not in self.scorers:
                 self.scorers[split] = CaptionScorer(datamodule.references(split))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stamp(checkpoint)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("vocab")
+        check_format(checkpoint)
+        saved_hparams = checkpoint["hyper_parameters"]
+        differences = []
+        for part, group in (("decoder", "model"), ("encoder", "encoder")):
+            saved, configured = saved_hparams.get(part) or {}, self.hparams[part] or {}
+            differences += [
+                f"{group}.{key} (checkpoint: {saved.get(key)!r}, config: {configured.get(key)!r})"
+                for key in ARCHITECTURE_KEYS[part] if saved.get(key) != configured.get(key)
+            ]
+        if differences:
+            raise ValueError(
+                f"The checkpoint's model differs from the configured one in {'; '.join(differences)}. Its weights "
+                "only fit the model it was trained as: run with the same model/encoder options (the "
+                "checkpoint's run dir has them in config.yaml), or evaluate it with src/eval.py, which rebuilds "
+                "the model from the checkpoint alone."
+            )
+        saved = saved_hparams.get("vocab")
         if saved is not None and self.decoder is not None and saved != self.vocab:
             raise ValueError(
                 f"The checkpoint's vocabulary ({len(saved)} words) differs from the data's ({len(self.vocab)} "
@@ -147,10 +189,29 @@ class CaptioningModule(L.LightningModule):
         """Images (N, 3, S, S) -> decoded captions with the configured strategy."""
         return self.decoding(self.decoder, self.encoder(images))
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         loss = self.decoder(self.encode(batch), batch["captions"])
+        # One device sync a step; training on a NaN would silently destroy the weights.
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss, batch_idx)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["captions"]))
         return loss
+
+    def _nonfinite(self, loss: Tensor, batch_idx: int) -> None:
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.get("nonfinite_loss", "fail") == "skip":
+            self.nonfinite_steps += 1
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False,
+                     batch_size=1)
+            rank_zero_warn(f"Non-finite training loss ({loss.item()}) at {where}: step skipped "
+                           f"({self.nonfinite_steps} so far; module.nonfinite_loss=skip).")
+            return None  # Lightning skips the backward pass and the update
+        raise NonFiniteLossError(
+            f"The training loss is {loss.item()} at {where}; the run stopped before this step's update, so the "
+            "weights are still finite. Try a lower learning rate (optimizer.lr), stronger gradient clipping "
+            "(trainer.gradient_clip_val=1.0), full precision (trainer.precision=32-true) if you train in 16-bit, "
+            "or skip such steps with module.nonfinite_loss=skip."
+        )
 
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
         features = self.encode(batch)
@@ -187,7 +248,7 @@ class CaptioningModule(L.LightningModule):
     def caption_text(self, ids: Tensor | Sequence[int]) -> str:
         """Word ids -> caption text, up to ``<END>``, without ``<NULL>`` / ``<START>``."""
         words = []
-        for i in ids.tolist() if isinstance(ids, Tensor) else ids:
+        for i in ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids:
             if i == 2:
                 break
             if i > 1:
@@ -237,21 +298,7 @@ def load_checkpoint(
     ``CaptioningModule`` checkpoint, rather than a deep traceback from ``torch.load`` or Lightning.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} not found; pass the path of a .ckpt file written by train.py.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... on non-checkpoints
-        raise ValueError(
-            f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error}). Pass a .ckpt "
-            "file written by train.py (its runs keep them under <run dir>/checkpoints/)."
-        ) from error
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or not hparams.get("vocab"):
-        raise ValueError(
-            f"{path} is not a checkpoint of a trained CaptioningModule: it lacks the state_dict or the "
-            "hyperparameters with the encoder, decoder and vocabulary that train.py's checkpoints carry."
-        )
+    checkpoint = read_checkpoint(path)
     try:
         module = CaptioningModule.load_from_checkpoint(path, map_location=map_location)
     except RuntimeError as error:  # load_state_dict: missing / unexpected keys, size mismatches

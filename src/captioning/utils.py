@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
 
-__all__ = ["instantiate_dict", "print_config", "save_config", "resolve_ckpt_path"]
+from .checkpointing import read_checkpoint
+from .module import NonFiniteLossError
+
+__all__ = ["instantiate_dict", "print_config", "save_config", "resolve_ckpt_path", "explain_errors", "seed_everything"]
+
+T = TypeVar("T")
+# The checkpoints ckpt_path=last picks from: ModelCheckpoint's and InterruptCheckpoint's.
+RESUMABLE = ("last.ckpt", "interrupted.ckpt")
+# Errors whose message is the whole story (they name the file/key/value and what to do).
+USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError)
 
 
 def instantiate_dict(group: DictConfig | None) -> list[Any]:
@@ -39,30 +56,85 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str) -> str | None:
-    """``"last"`` -> the newest ``last.ckpt`` among this task's runs; a path must exist.
+    """``"last"`` -> the newest (by modification time) ``last.ckpt`` or ``interrupted.ckpt`` among this task's
+    runs; a path must exist. Either way the file must be a checkpoint of this project's format.
 
-    Raises FileNotFoundError with what was looked for and what to pass instead.
+    Raises FileNotFoundError with what was looked for and what to pass instead, ValueError for a file that
+    is not a readable checkpoint (:func:`captioning.checkpointing.read_checkpoint`).
     """
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
         runs = Path(log_dir) / task_name
-        found = sorted(runs.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = [p for name in RESUMABLE for p in runs.glob(f"*/*/checkpoints/{name}")]
         if not found:
             raise FileNotFoundError(
-                f"ckpt_path=last: no last.ckpt under {runs}/*/*/checkpoints/. Nothing to resume for "
-                f"task_name={task_name!r}: pass the checkpoint's path (ckpt_path=outputs/.../last.ckpt) or "
+                f"ckpt_path=last: no {' or '.join(RESUMABLE)} under {runs}/*/*/checkpoints/. Nothing to resume "
+                f"for task_name={task_name!r}: pass the checkpoint's path (ckpt_path=outputs/.../last.ckpt) or "
                 "start a new run without ckpt_path."
             )
-        return str(found[-1])
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path}: no such checkpoint file. Runs keep theirs under "
-            f"{log_dir}/<task>/runs/<time>/checkpoints/ (best and last.ckpt); pass one of those, or "
-            "ckpt_path=last for the newest last.ckpt."
-        )
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    else:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path}: no such checkpoint file. Runs keep theirs under "
+                f"{log_dir}/<task>/runs/<time>/checkpoints/ (best, last.ckpt and, after an interruption, "
+                "interrupted.ckpt); pass one of those, or ckpt_path=last for the newest."
+            )
+    # A clear error now (not a checkpoint, another format) rather than deep inside Lightning's restore.
+    checkpoint = read_checkpoint(path)
+    rank_zero_info(f"Checkpoint {path}: epoch {checkpoint.get('epoch')}, global step {checkpoint.get('global_step')}.")
     return str(path)
+
+
+def explain_errors(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """Wrap an entry point's task function so that a user's mistake ends in one paragraph, exit code 1.
+
+    A wrong value in the config (a constructor's ValueError, wrapped by Hydra's InstantiationException) is
+    printed with the config key it came from; ValueError, FileNotFoundError and a non-finite loss are
+    printed as they are (their messages name the file/key and what to do). A run stopped by SIGTERM or
+    Ctrl+C exits with 128 + SIGTERM (143) after its checkpoint message. ``HYDRA_FULL_ERROR=1`` re-raises
+    everything for the full traceback; other exceptions (bugs) keep their traceback.
+    """
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> T:
+        try:
+            return task(cfg)
+        except SIGTERMException:
+            sys.exit(128 + signal.SIGTERM)
+        except (InstantiationException, *USER_ERRORS) as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _print_error(_explain(error))
+            sys.exit(1)
+
+    return wrapped
+
+
+def _explain(error: BaseException) -> str:
+    """The innermost cause of a (nested) instantiation error, with the config key and target it came from."""
+    keys, target = [], None
+    while isinstance(error, InstantiationException):
+        text = str(error)
+        if match := re.search(r"full_key: (\S+)", text):
+            keys.append(match.group(1))
+        if match := re.search(r"target '([^']+)'", text):
+            target = match.group(1)
+        if error.__cause__ is None:
+            return text
+        error = error.__cause__
+    message = str(error) or type(error).__name__
+    if not keys and target is None:
+        return message
+    where = f"config key {keys[-1]}" if keys else "the config"
+    return f"Invalid value in {where} ({target}): {type(error).__name__}: {message}"
+
+
+@rank_zero_only
+def _print_error(message: str) -> None:
+    print(f"Error: {message}\n(Set HYDRA_FULL_ERROR=1 for the full traceback.)", file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int | None) -> None:

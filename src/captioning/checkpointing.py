@@ -1,0 +1,257 @@
+"""Safe checkpoints: atomic writes, a checkpoint when a run is interrupted, the random state for exact
+resumes, and a format number so an incompatible checkpoint is refused with a clear message.
+
+- :class:`AtomicCheckpointIO` (``trainer.plugins``): every checkpoint is written to a temporary file in the
+  same directory, synced and renamed over the old one, so a crash while saving keeps the last good file.
+- :class:`InterruptCheckpoint` (callback): SIGTERM (or a first Ctrl+C) stops training after the current
+  batch and saves ``<dirpath>/interrupted.ckpt``; any other exception during training saves it too. The
+  message names the file to resume with (``ckpt_path=last`` finds it as well).
+- :class:`RandomState` (callback): the Python, NumPy and torch random generators in every checkpoint, restored
+  on resume, so the data order and the loss curve after a resume from an epoch boundary equal an
+  uninterrupted run's.
+- :func:`check_format` / :func:`read_checkpoint`: a file that is not a checkpoint of this project, or one
+  written in another format, gives a one-paragraph error naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "AtomicCheckpointIO", "InterruptCheckpoint", "RandomState", "check_format",
+    "read_checkpoint", "stamp",
+]
+
+# Bump when a checkpoint's contents change incompatibly (hyperparameter names, state_dict keys...).
+CHECKPOINT_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Format
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stamp(checkpoint: dict[str, Any]) -> None:
+    """Record the format number and the package version in a checkpoint being saved."""
+    from . import __version__
+
+    checkpoint["captioning_format"] = CHECKPOINT_FORMAT
+    checkpoint["captioning_version"] = __version__
+
+
+def check_format(checkpoint: Any, path: str | Path = "the checkpoint") -> None:
+    """Raise ValueError (naming ``path``) unless ``checkpoint`` is a CaptioningModule checkpoint this
+    version of the project reads: a dict with ``state_dict``, ``hyper_parameters`` (vocabulary included)
+    and ``captioning_format == CHECKPOINT_FORMAT``."""
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or not hparams.get("vocab"):
+        raise ValueError(
+            f"{path} is not a checkpoint of a trained CaptioningModule: it lacks the state_dict or the "
+            "hyperparameters with the encoder, decoder and vocabulary that train.py's checkpoints carry. Pass "
+            "a .ckpt file written by train.py (its runs keep them under <run dir>/checkpoints/)."
+        )
+    found = checkpoint.get("captioning_format")
+    if found != CHECKPOINT_FORMAT:
+        written_by = checkpoint.get("captioning_version", "a version before checkpoints were stamped")
+        raise ValueError(
+            f"{path} was written by captioning {written_by} in checkpoint format {found}; this version reads "
+            f"format {CHECKPOINT_FORMAT}. Use the version of the project that wrote it (pip install "
+            f"captioning=={written_by} or its git tag) to evaluate it, or retrain with this version."
+        )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded with ``weights_only=True`` (memory-mapped: cheap to peek) and
+    checked with :func:`check_format`. Raises FileNotFoundError / ValueError naming the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} not found; pass the path of a .ckpt file written by train.py.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # UnpicklingError, RuntimeError, EOFError... on files that are not checkpoints
+        raise ValueError(
+            f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error}). It is not a "
+            "checkpoint or it is truncated; pass a .ckpt file written by train.py (its runs keep them under "
+            "<run dir>/checkpoints/)."
+        ) from error
+    check_format(checkpoint, path)
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes ``<dir>/.<name>.tmp-<pid>``, syncs it to disk and renames it over
+    ``path`` (``os.replace``, atomic on POSIX and Windows): a crash or a full disk while saving leaves the
+    previous checkpoint intact, never a truncated one. Remote paths (``s3://``...) use Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or ("://" in str(path) and not str(path).startswith("file://")):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(str(path).removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interrupted runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+class InterruptCheckpoint(L.Callback):
+    """Saves ``<dirpath>/<filename>.ckpt`` when training is interrupted or fails, and says how to resume.
+
+    SIGTERM (a scheduler's pre-emption, ``kill``) makes Lightning finish the current batch and stop; a first
+    Ctrl+C (SIGINT) does the same here (a second one stops at once). The checkpoint then holds a consistent
+    state (weights, optimizer, scheduler, loop counters, callbacks, random state) after the last completed
+    batch. Any other exception during training (a non-finite loss, a crash in validation) saves it too, so
+    the work up to the failure can be resumed after the fix. Nothing is saved before the first step.
+
+    Resume with ``ckpt_path=<the printed path>`` or ``ckpt_path=last`` (the newest of the task's
+    ``last.ckpt`` and ``interrupted.ckpt``). Mid-epoch resumes restart the epoch's data order (Lightning warns);
+    resumes from an epoch boundary continue exactly (see :class:`RandomState`).
+
+    A plain callback, not a ``Checkpoint``: it must not count as the trainer's ``checkpoint_callback``.
+
+    Args:
+        dirpath: the run's checkpoint directory.
+        filename: file name without ``.ckpt``.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        if not filename:
+            raise ValueError("callbacks.interrupt_checkpoint.filename must not be empty.")
+        self.dirpath, self.filename = str(dirpath), filename
+        self.saved_path: str | None = None
+        self._previous_sigint: Any = None
+        self._stop_requested = False
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.dirpath, f"{self.filename}.ckpt")
+
+    # SIGINT ---------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning has installed its SIGTERM handler (trainer._run); only the main thread may.
+        if _main_thread() and self._previous_sigint is None:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._restore_sigint()
+        self._stop_requested = True
+        _say("Ctrl+C: stopping after the current batch and saving a checkpoint (Ctrl+C again stops at once).")
+        # Lightning's SIGTERM handler sets trainer.received_sigterm (and forwards it to DDP workers).
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and _main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
+    # Saving ---------------------------------------------------------------------------------------
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return
+        if isinstance(exception, KeyboardInterrupt) and self._stop_requested:
+            return  # the second Ctrl+C: the user wants out now, possibly in the middle of a step
+        try:
+            trainer.save_checkpoint(self.ckpt_path)
+        except Exception as error:  # never hide the original failure behind a failed save
+            rank_zero_warn(f"Could not save the interrupt checkpoint {self.ckpt_path}: {error}")
+            return
+        self.saved_path = self.ckpt_path
+        why = "interrupted" if _is_interrupt(exception) else f"stopped by {type(exception).__name__}"
+        _say(
+            f"Training {why} at epoch {trainer.current_epoch}, global step {trainer.global_step}: checkpoint "
+            f"saved to {self.ckpt_path}. Resume with the same options plus ckpt_path={self.ckpt_path} "
+            "(or ckpt_path=last)."
+        )
+
+
+def _is_interrupt(exception: BaseException) -> bool:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(exception, SIGTERMException | KeyboardInterrupt)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random state
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RandomState(L.Callback):
+    """The random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint, restored on resume.
+
+    Lightning restores weights, optimizer, scheduler and loop counters but not the generators, so a resumed
+    run would shuffle its next epoch differently from an uninterrupted one. Lightning restores callbacks
+    before the sanity check (which it runs in an isolated RNG scope) and before it creates the training
+    iterator, so the next epoch's shuffle draws from exactly the state the uninterrupted run had.
+    States are plain lists and tensors: the checkpoint still loads with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, mt, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": [version, list(mt), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "python" in state_dict:
+            version, mt, gauss = state_dict["python"]
+            random.setstate((version, tuple(mt), gauss))
+        if "numpy" in state_dict:
+            kind, keys, pos, has_gauss, cached = state_dict["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if "torch" in state_dict:
+            torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
