@@ -26,6 +26,10 @@ def temporal_softmax_loss(
         )
     if normalize not in ("batch", "tokens"):
         raise ValueError(f"normalize must be 'batch' or 'tokens', got {normalize!r}.")
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        # Mixed precision: score in float32, as a sum over N*T tokens in bf16 (8-bit mantissa) loses the
+        # loss's digits; autograd casts the gradient back to the scores' dtype.
+        scores = scores.float()
     mask = targets != ignore_index
     # -log p(target) = logsumexp(scores) - score[target]; computed in a numerically stable form.
     log_norm = torch.logsumexp(scores, dim=-1)
