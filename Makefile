@@ -34,7 +34,7 @@ test-slow: install
 	WANDB_MODE=offline $(PY) -m pytest -q -m slow
 
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

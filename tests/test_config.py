@@ -62,7 +62,8 @@ def test_overrides_reach_constructors(tmp_path):
                                    "trainer.max_epochs=3", "optimizer.lr=0.01"])
     module = instantiate(cfg.module, _recursive_=False)
     assert module.hparams.decoder == {"_target_": "captioning.models.CaptioningRNN", "cell_type": "attention",
-                                      "wordvec_dim": 128, "hidden_dim": 64, "dropout": 0.0, "loss_normalize": "batch"}
+                                      "wordvec_dim": 128, "hidden_dim": 64, "dropout": 0.0, "loss_normalize": "batch",
+                                      "backward": "autograd"}
     assert module.hparams.optimizer["lr"] == 0.01
     assert instantiate(cfg.data).batch_size == 8
 

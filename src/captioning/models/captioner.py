@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .bptt import linear_temporal_softmax_loss
 from .loss import temporal_softmax_loss
 from .rnn import LSTM, RNN, AttentionLSTM
 
@@ -48,6 +49,11 @@ class CaptioningRNN(nn.Module):
         dropout: dropout on the word embeddings and on the hidden states before the vocabulary projection.
         null_id, start_id, end_id: the special tokens' ids (DESIGN.md: 0, 1, 2).
         loss_normalize: ``"batch"`` (sum over tokens / N, the courses' convention) or ``"tokens"``.
+        backward: how the recurrent core is differentiated, ``"autograd"`` or ``"manual"`` (hand-written
+            BPTT, ``captioning.models.bptt``); the same numbers either way.
+
+    The training loss never materialises the (N, T, V) scores: the vocabulary projection and the loss are
+    fused (``linear_temporal_softmax_loss``) and only the non-``<NULL>`` positions are projected.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class CaptioningRNN(nn.Module):
         start_id: int = 1,
         end_id: int = 2,
         loss_normalize: str = "batch",
+        backward: str = "autograd",
     ) -> None:
         super().__init__()
         if cell_type not in CELL_TYPES:
@@ -85,7 +92,7 @@ class CaptioningRNN(nn.Module):
             self.feature_proj = nn.Linear(input_dim, hidden_dim)
         self.embed = nn.Embedding(vocab_size, wordvec_dim)
         core = {"rnn": RNN, "lstm": LSTM, "attention": AttentionLSTM}[cell_type]
-        self.core = core(wordvec_dim, hidden_dim)
+        self.core = core(wordvec_dim, hidden_dim, backward=backward)
         self.dropout = nn.Dropout(dropout)
         self.vocab_proj = nn.Linear(hidden_dim, vocab_size)
 
@@ -124,10 +131,12 @@ class CaptioningRNN(nn.Module):
         ``<NULL>`` targets are ignored. With ``return_scores`` also returns scores (N, T, V).
         """
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
-        h = self.hidden_states(features, captions_in)
-        scores = self.vocab_proj(self.dropout(h))
-        loss = temporal_softmax_loss(scores, captions_out, self.null_id, self.loss_normalize)
-        return (loss, scores) if return_scores else loss
+        h = self.dropout(self.hidden_states(features, captions_in))
+        if not return_scores:
+            return linear_temporal_softmax_loss(h, self.vocab_proj.weight, self.vocab_proj.bias, captions_out,
+                                                self.null_id, self.loss_normalize)
+        scores = self.vocab_proj(h)
+        return temporal_softmax_loss(scores, captions_out, self.null_id, self.loss_normalize), scores
 
     # ---------------------------------------------------------------------------------------------
     # Decoding

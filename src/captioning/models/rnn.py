@@ -6,7 +6,12 @@ any float dtype and device and are differentiated by autograd; ``captioning.mode
 hand-written backward passes for the whole-sequence forms.
 
 Wherever the input projection does not depend on the hidden state, it is computed for all T steps in a
-single matmul (``x.reshape(N*T, D) @ Wx``); only the recurrence itself loops over time.
+single matmul (``x.reshape(N*T, D) @ Wx``); only the recurrence itself loops over time. The loops take
+their steps with ``unbind`` rather than indexing: the backward of ``xw[:, t]`` would build a zero tensor
+of the whole (N, T, G) projection for every step (O(T^2) memory traffic), ``unbind``'s is one ``stack``.
+
+The modules (``RNN``, ``LSTM``, ``AttentionLSTM``) take ``backward="autograd"|"manual"``: ``"manual"``
+runs the same forward as a ``torch.autograd.Function`` with hand-written BPTT (``captioning.models.bptt``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from .bptt import attention_lstm_forward_manual, lstm_forward_manual, rnn_forward_manual
 
 __all__ = [
     "rnn_step_forward",
@@ -27,7 +34,10 @@ __all__ = [
     "RNN",
     "LSTM",
     "AttentionLSTM",
+    "BACKWARDS",
 ]
+
+BACKWARDS = ("autograd", "manual")
 
 
 def _input_projection(x: Tensor, Wx: Tensor, b: Tensor) -> Tensor:
@@ -46,10 +56,9 @@ def rnn_step_forward(x: Tensor, prev_h: Tensor, Wx: Tensor, Wh: Tensor, b: Tenso
 
 def rnn_forward(x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor) -> Tensor:
     """Vanilla RNN over a sequence: x (N, T, D), h0 (N, H) -> h (N, T, H)."""
-    xw = _input_projection(x, Wx, b)
     h, hs = h0, []
-    for t in range(x.shape[1]):
-        h = torch.tanh(torch.addmm(xw[:, t], h, Wh))
+    for xw_t in _input_projection(x, Wx, b).unbind(1):
+        h = torch.tanh(torch.addmm(xw_t, h, Wh))
         hs.append(h)
     return torch.stack(hs, dim=1)
 
@@ -60,7 +69,7 @@ def _lstm_gates(a: Tensor, prev_c: Tensor) -> tuple[Tensor, Tensor]:
     ifo = torch.sigmoid(a[:, : 3 * H])
     g = torch.tanh(a[:, 3 * H :])
     i, f, o = ifo[:, :H], ifo[:, H : 2 * H], ifo[:, 2 * H :]
-    next_c = f * prev_c + i * g
+    next_c = torch.addcmul(f * prev_c, i, g)
     next_h = o * torch.tanh(next_c)
     return next_h, next_c
 
@@ -79,10 +88,9 @@ def lstm_step_forward(
 
 def lstm_forward(x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor) -> Tensor:
     """LSTM over a sequence with c0 = 0: x (N, T, D), h0 (N, H) -> h (N, T, H)."""
-    xw = _input_projection(x, Wx, b)
     h, c, hs = h0, torch.zeros_like(h0), []
-    for t in range(x.shape[1]):
-        h, c = _lstm_gates(torch.addmm(xw[:, t], h, Wh), c)
+    for xw_t in _input_projection(x, Wx, b).unbind(1):
+        h, c = _lstm_gates(torch.addmm(xw_t, h, Wh), c)
         hs.append(h)
     return torch.stack(hs, dim=1)
 
@@ -98,7 +106,8 @@ def dot_product_attention(prev_h: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     A_flat = A.reshape(N, H, Dh * Dw)
     scores = torch.bmm(prev_h.unsqueeze(1), A_flat).squeeze(1) / math.sqrt(H)  # (N, Dh*Dw)
     weights = torch.softmax(scores, dim=1)
-    attn = torch.bmm(A_flat, weights.unsqueeze(2)).squeeze(2)  # (N, H)
+    # (1, P) @ (P, H) per image: on CPU this row-vector form is ~6x faster than A (H, P) @ w (P, 1)
+    attn = torch.bmm(weights.unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1)  # (N, H)
     return attn, weights.view(N, Dh, Dw)
 
 
@@ -135,31 +144,44 @@ def _attention_lstm_scan(
     x: Tensor, A: Tensor, Wx: Tensor, Wh: Tensor, Wattn: Tensor, b: Tensor
 ) -> tuple[Tensor, Tensor]:
     """attention_lstm_forward that also returns the attention weights (N, T, Dh, Dw)."""
-    xw = _input_projection(x, Wx, b)
     h = A.mean(dim=(2, 3))
     c = h
     hs, weights = [], []
-    for t in range(x.shape[1]):
+    xw = _input_projection(x, Wx, b)
+    # In-place addmm_ is not autocast: under bf16/fp16 autocast the gates are in the autocast dtype, so
+    # Wattn is cast to it once here (a no-op without autocast).
+    Wattn = Wattn.to(xw.dtype)
+    for xw_t in xw.unbind(1):
         attn, w = dot_product_attention(h, A)
-        h, c = _lstm_gates(torch.addmm(xw[:, t], h, Wh) + attn @ Wattn, c)
+        h, c = _lstm_gates(torch.addmm(xw_t, h, Wh).addmm_(attn, Wattn), c)
         hs.append(h)
         weights.append(w)
     return torch.stack(hs, dim=1), torch.stack(weights, dim=1)
 
 
 class _Recurrent(nn.Module):
-    """Shared parameter set-up: Wx (D, G*H), Wh (H, G*H), b (G*H,) with G gates."""
+    """Shared parameter set-up: Wx (D, G*H), Wh (H, G*H), b (G*H,) with G gates.
+
+    ``backward`` picks how the whole-sequence forward is differentiated: ``"autograd"`` (through the plain
+    functions above) or ``"manual"`` (hand-written BPTT, ``captioning.models.bptt``); same results.
+    """
 
     gates = 1
 
-    def __init__(self, input_dim: int, hidden_dim: int) -> None:
+    def __init__(self, input_dim: int, hidden_dim: int, backward: str = "autograd") -> None:
         super().__init__()
         if input_dim <= 0 or hidden_dim <= 0:
             raise ValueError(
                 f"{type(self).__name__} needs positive sizes, got input_dim={input_dim}, "
                 f"hidden_dim={hidden_dim}; set model.wordvec_dim / model.hidden_dim to positive integers."
             )
-        self.input_dim, self.hidden_dim = input_dim, hidden_dim
+        if backward not in BACKWARDS:
+            raise ValueError(
+                f"{type(self).__name__}: unknown backward {backward!r}; choose one of {', '.join(BACKWARDS)} "
+                "(model.backward): 'autograd' differentiates the hand-written forward with autograd, "
+                "'manual' uses the hand-written BPTT backward."
+            )
+        self.input_dim, self.hidden_dim, self.backward = input_dim, hidden_dim, backward
         G = self.gates * hidden_dim
         self.Wx = nn.Parameter(torch.empty(input_dim, G))
         self.Wh = nn.Parameter(torch.empty(hidden_dim, G))
@@ -174,14 +196,15 @@ class _Recurrent(nn.Module):
             self.b.zero_()
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, hidden_dim={self.hidden_dim}"
+        return f"input_dim={self.input_dim}, hidden_dim={self.hidden_dim}, backward={self.backward!r}"
 
 
 class RNN(_Recurrent):
     """Vanilla RNN layer: ``forward(x (N, T, D), h0 (N, H)) -> h (N, T, H)``."""
 
     def forward(self, x: Tensor, h0: Tensor) -> Tensor:
-        return rnn_forward(x, h0, self.Wx, self.Wh, self.b)
+        forward = rnn_forward_manual if self.backward == "manual" else rnn_forward
+        return forward(x, h0, self.Wx, self.Wh, self.b)
 
     def step(self, x: Tensor, h: Tensor) -> Tensor:
         """x (N, D), h (N, H) -> next h (N, H)."""
@@ -200,7 +223,8 @@ class LSTM(_Recurrent):
             self.b[self.hidden_dim : 2 * self.hidden_dim].fill_(1.0)
 
     def forward(self, x: Tensor, h0: Tensor) -> Tensor:
-        return lstm_forward(x, h0, self.Wx, self.Wh, self.b)
+        forward = lstm_forward_manual if self.backward == "manual" else lstm_forward
+        return forward(x, h0, self.Wx, self.Wh, self.b)
 
     def step(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, D), h, c (N, H) -> next (h, c)."""
@@ -210,18 +234,19 @@ class LSTM(_Recurrent):
 class AttentionLSTM(LSTM):
     """LSTM attending over a projected feature map A (N, H, Dh, Dw) at every step."""
 
-    def __init__(self, input_dim: int, hidden_dim: int) -> None:
-        super().__init__(input_dim, hidden_dim)
+    def __init__(self, input_dim: int, hidden_dim: int, backward: str = "autograd") -> None:
+        super().__init__(input_dim, hidden_dim, backward)
         self.Wattn = nn.Parameter(torch.empty(hidden_dim, 4 * hidden_dim))
         with torch.no_grad():
             self.Wattn.normal_(0.0, 1.0 / math.sqrt(hidden_dim))
 
     def forward(self, x: Tensor, A: Tensor) -> Tensor:
         """x (N, T, D), A (N, H, Dh, Dw) -> h (N, T, H)."""
-        return attention_lstm_forward(x, A, self.Wx, self.Wh, self.Wattn, self.b)
+        forward = attention_lstm_forward_manual if self.backward == "manual" else attention_lstm_forward
+        return forward(x, A, self.Wx, self.Wh, self.Wattn, self.b)
 
     def forward_with_weights(self, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
-        """As forward, also returning the attention weights (N, T, Dh, Dw)."""
+        """As forward, also returning the attention weights (N, T, Dh, Dw) (always through autograd)."""
         return _attention_lstm_scan(x, A, self.Wx, self.Wh, self.Wattn, self.b)
 
     def step(  # type: ignore[override]

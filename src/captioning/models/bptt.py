@@ -1,0 +1,479 @@
+"""Hand-written backward passes: backpropagation through time for the recurrent cores, and the fused
+vocabulary projection + temporal softmax loss.
+
+``rnn_forward_manual``, ``lstm_forward_manual`` and ``attention_lstm_forward_manual`` compute exactly what
+``captioning.models.rnn``'s ``rnn_forward``, ``lstm_forward`` and ``attention_lstm_forward`` compute, but
+as ``torch.autograd.Function``s whose backward is BPTT written out as in the courses' ``rnn_backward`` /
+``lstm_backward``: walk the steps backwards carrying ``dh`` (and ``dc``) and produce the pre-activation
+gradient ``da`` of every step. Unlike the courses, nothing is accumulated per step: ``da`` of all steps
+lands in one (T, N, G*H) buffer, and the parameter gradients are then ONE matmul each over all steps::
+
+    dWx = x_flat^T @ da_flat        dWh = h_prev_flat^T @ da_flat        db = da_flat.sum(0)
+    dx  = da_flat @ Wx^T            (x_flat, h_prev_flat, da_flat: the (T*N, .) views of the buffers)
+
+so only ``da_t @ Wh^T`` (the recurrence itself) remains inside the backward loop. Why it is fast:
+
+- Buffers are time-major (T, N, .), so every step's slice is contiguous and the all-steps views are free.
+- The forward computes the input projection of all steps in one matmul into the gate buffer, adds
+  ``h_{t-1} Wh`` into it in place, and applies the gate non-linearities in place: the buffer ends up
+  holding the gate activations, which is what backward needs. The RNN and LSTM loops allocate nothing.
+- Backward recomputes the cheap things (tanh(c), the gate derivatives) step by step from the saved
+  activations, on slices that are in cache, into scratch buffers allocated once: the loop body is a
+  few in-place element-wise ops and one matmul.
+- On CPU, tanh of large tensors is computed as 2 sigmoid(2x) - 1: torch's tanh kernel costs ~6x a sigmoid.
+
+``linear_temporal_softmax_loss`` fuses ``scores = h W^T + b`` with ``temporal_softmax_loss``: it only
+projects the non-``<NULL>`` positions, works through them in row chunks so the (N*T, V) score matrix never
+exists, and computes the gradients of h, W and b while the chunk's scores are at hand (softmax minus
+one-hot, in place), so backward only scales them by the incoming gradient.
+
+All of them work in any float dtype. Under autocast they run in the autocast dtype (as autocast would run
+the matmuls); the fused loss then falls back to the unfused autograd form. The hand-written backward is
+not itself differentiable (no double backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from .loss import temporal_softmax_loss
+
+__all__ = [
+    "rnn_forward_manual",
+    "lstm_forward_manual",
+    "attention_lstm_forward_manual",
+    "linear_temporal_softmax_loss",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input handling shared by the public functions
+def _prepare(name: str, tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], str]:
+    """Check the inputs share one float dtype and device; under autocast cast them to the autocast dtype.
+
+    Returns the (possibly cast) tensors and the device type, whose autocast the caller switches off
+    around the Function: its in-place ops into preallocated buffers need one dtype throughout.
+    """
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = tuple(t.to(dtype) for t in tensors)
+    dtypes = {t.dtype for t in tensors}
+    devices = {t.device for t in tensors}
+    if len(dtypes) != 1 or not tensors[0].is_floating_point() or len(devices) != 1:
+        raise ValueError(
+            f"{name}: all inputs must be floating-point tensors of one dtype on one device, got dtypes "
+            f"{sorted(str(d) for d in dtypes)} on {sorted(str(d) for d in devices)}; cast the model and its "
+            "inputs together (model.to(dtype)) or use autocast."
+        )
+    return tensors, device_type
+
+
+def _check_sequence(name: str, x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor, gates: int) -> None:
+    if x.dim() != 3 or h0.dim() != 2 or h0.shape[0] != x.shape[0] or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected x (N, T, D) with T >= 1 and h0 (N, H), got {tuple(x.shape)} and "
+                         f"{tuple(h0.shape)}.")
+    D, H = x.shape[2], h0.shape[1]
+    expected = {"Wx": (D, gates * H), "Wh": (H, gates * H), "b": (gates * H,)}
+    for key, tensor in (("Wx", Wx), ("Wh", Wh), ("b", b)):
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{name}: {key} must have shape {expected[key]} for x {tuple(x.shape)} and "
+                             f"h0 {tuple(h0.shape)}, got {tuple(tensor.shape)}.")
+
+
+def _time_major(x: Tensor) -> Tensor:
+    """x (N, T, D) -> a contiguous time-major copy viewed as (T*N, D): row t*N + n is x[n, t]."""
+    N, T, D = x.shape
+    return x.transpose(0, 1).reshape(T * N, D)
+
+
+def _batch_major(h_tm: Tensor) -> Tensor:
+    """Time-major (T, N, H) -> a fresh contiguous (N, T, H), so callers never hold a view of saved buffers."""
+    return h_tm.transpose(0, 1).contiguous()
+
+
+def _input_gradients(ctx_needs: tuple[bool, ...], x_tm: Tensor, da: Tensor, Wx: Tensor, N: int) -> tuple:
+    """dx (N, T, D), dWx (D, G), db (G,) from da (T, N, G) in one matmul each (None where not needed)."""
+    T, _, G = da.shape
+    da_flat = da.view(T * N, G)
+    dx = (da_flat @ Wx.t()).view(T, N, -1).transpose(0, 1) if ctx_needs[0] else None
+    dWx = x_tm.t() @ da_flat if ctx_needs[2] else None
+    db = da_flat.sum(0) if ctx_needs[-1] else None
+    return dx, dWx, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vanilla RNN
+class _RNNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor) -> Tensor:
+        N, T, _ = x.shape
+        H = h0.shape[1]
+        x_tm = _time_major(x)
+        a = torch.addmm(b, x_tm, Wx).view(T, N, H)  # every step's input projection in one matmul
+        hs = x.new_empty(T + 1, N, H)  # hs[0] = h0, hs[t + 1] = h_t
+        hs[0] = h0
+        for t in range(T):
+            a[t].addmm_(hs[t], Wh)
+            _tanh(a[t], out=hs[t + 1])
+        ctx.save_for_backward(x_tm, Wx, Wh, hs)
+        return _batch_major(hs[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh_out: Tensor) -> tuple:
+        x_tm, Wx, Wh, hs = ctx.saved_tensors
+        T1, N, H = hs.shape
+        T = T1 - 1
+        WhT = Wh.t()
+        # da starts as tanh'(a) = 1 - h^2 for every step at once, then is scaled by dh step by step.
+        da = torch.mul(hs[1:], hs[1:]).neg_().add_(1.0)
+        dh = dh_out[:, T - 1].clone()
+        for t in range(T - 1, -1, -1):
+            da[t].mul_(dh)
+            if t:
+                torch.addmm(dh_out[:, t - 1], da[t], WhT, out=dh)  # upstream grad + recurrent grad
+        dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
+        dh0 = da[0] @ WhT if ctx.needs_input_grad[1] else None
+        dWh = hs[:-1].reshape(T * N, H).t() @ da.view(T * N, H) if ctx.needs_input_grad[3] else None
+        return dx, dh0, dWx, dWh, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# LSTM (and the gate arithmetic the attention LSTM shares)
+# Below this many elements torch.tanh's single op beats the four of the sigmoid form (per-op overhead).
+_SIGMOID_TANH_MIN_ELEMENTS = 8192
+
+
+def _sigmoid_tanh_pays(t: Tensor) -> bool:
+    """Whether tanh(t) is cheaper as 2 sigmoid(2t) - 1: on CPU torch's tanh kernel costs ~6x a sigmoid
+    per element (profiled), which outweighs three extra ops on large tensors; on GPUs tanh is cheap and
+    every extra op is another kernel launch."""
+    return t.device.type == "cpu" and t.numel() >= _SIGMOID_TANH_MIN_ELEMENTS
+
+
+def _tanh(t: Tensor, out: Tensor) -> Tensor:
+    """tanh(t) into out, as 2 sigmoid(2t) - 1 (the same function to rounding) where that is faster."""
+    if _sigmoid_tanh_pays(t):
+        return torch.mul(t, 2.0, out=out).sigmoid_().mul_(2.0).sub_(1.0)
+    return torch.tanh(t, out=out)
+
+
+def _lstm_cell_forward(a: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, h: Tensor) -> None:
+    """In place: pre-activations a (N, 4H) -> gate activations; writes c (N, H) and h (N, H).
+
+    tanh_c (N, H) is scratch space. Gates are packed i, f, o, g (DESIGN.md); on CPU g = tanh(a_g) is
+    computed as 2 sigmoid(2 a_g) - 1 so that one sigmoid pass covers all four gates.
+    """
+    H = c.shape[1]
+    if _sigmoid_tanh_pays(c):
+        a[:, 3 * H :].mul_(2.0)
+        a.sigmoid_()
+        a[:, 3 * H :].mul_(2.0).sub_(1.0)
+    else:
+        a[:, : 3 * H].sigmoid_()
+        a[:, 3 * H :].tanh_()
+    i, f, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+    torch.mul(f, c_prev, out=c)
+    c.addcmul_(i, g)
+    _tanh(c, out=tanh_c)
+    torch.mul(o, tanh_c, out=h)
+
+
+class _LSTMBackwardStep:
+    """One step of LSTM BPTT with its scratch buffers allocated once per backward pass.
+
+    Given the step's gate activations (N, 4H) packed i, f, o, g, its cell states c_prev, c (N, H), the
+    gradient dh reaching h_t and dc reaching c_t from later steps, it writes the pre-activation gradient
+    da (N, 4H) and leaves the gradient reaching c_{t-1} in dc::
+
+        dc += dh * o * (1 - tanh(c)^2)
+        da_i = dc * g * i(1-i)      da_f = dc * c_prev * f(1-f)
+        da_o = dh * tanh(c) * o(1-o)    da_g = dc * i * (1 - g^2)       dc_prev = dc * f
+
+    Everything is computed from the saved activations on the step's (cache-resident) slices, in ~15
+    element-wise ops; precomputing the factors for all steps at once costs memory and passes over cold
+    buffers (profiled: 3x slower at N=128, H=512).
+    """
+
+    def __init__(self, like: Tensor) -> None:
+        N, H4 = like.shape
+        self.H = H4 // 4
+        self.dsig = like.new_empty(N, 3 * self.H)
+        self.tanh_c = like.new_empty(N, self.H)
+        self.tmp = like.new_empty(N, self.H)
+        self.ones = like.new_ones(N, self.H)
+
+    def __call__(self, gates: Tensor, c_prev: Tensor, c: Tensor, dh: Tensor, dc: Tensor, da: Tensor) -> None:
+        H, tanh_c, tmp, dsig, ones = self.H, self.tanh_c, self.tmp, self.dsig, self.ones
+        i, f, o, g = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H], gates[:, 3 * H :]
+        _tanh(c, out=tanh_c)
+        torch.addcmul(ones, tanh_c, tanh_c, value=-1.0, out=tmp).mul_(o)
+        dc.addcmul_(tmp, dh)
+        sig = gates[:, : 3 * H]
+        torch.addcmul(sig, sig, sig, value=-1.0, out=dsig)  # sigmoid' = s - s^2 for i, f, o at once
+        torch.mul(dsig[:, :H], g, out=da[:, :H]).mul_(dc)
+        torch.mul(dsig[:, H : 2 * H], c_prev, out=da[:, H : 2 * H]).mul_(dc)
+        torch.mul(dsig[:, 2 * H :], tanh_c, out=da[:, 2 * H : 3 * H]).mul_(dh)
+        torch.addcmul(ones, g, g, value=-1.0, out=tmp).mul_(i)
+        torch.mul(tmp, dc, out=da[:, 3 * H :])
+        dc.mul_(f)
+
+
+class _LSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor) -> Tensor:
+        N, T, _ = x.shape
+        H = h0.shape[1]
+        x_tm = _time_major(x)
+        gates = torch.addmm(b, x_tm, Wx).view(T, N, 4 * H)  # pre-activations, then activations in place
+        hs = x.new_empty(T + 1, N, H)
+        cs = x.new_empty(T + 1, N, H)
+        hs[0] = h0
+        cs[0].zero_()
+        tanh_c = x.new_empty(N, H)
+        for t in range(T):
+            gates[t].addmm_(hs[t], Wh)
+            _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_c, hs[t + 1])
+        ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, gates)
+        return _batch_major(hs[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh_out: Tensor) -> tuple:
+        x_tm, Wx, Wh, hs, cs, gates = ctx.saved_tensors
+        T1, N, H = hs.shape
+        T = T1 - 1
+        WhT = Wh.t()
+        step = _LSTMBackwardStep(gates[0])
+        da = torch.empty_like(gates)
+        dh = dh_out[:, T - 1].clone()
+        dc = torch.zeros_like(dh)
+        for t in range(T - 1, -1, -1):
+            step(gates[t], cs[t], cs[t + 1], dh, dc, da[t])
+            if t:
+                torch.addmm(dh_out[:, t - 1], da[t], WhT, out=dh)
+        dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
+        dh0 = da[0] @ WhT if ctx.needs_input_grad[1] else None
+        dWh = hs[:-1].reshape(T * N, H).t() @ da.view(T * N, 4 * H) if ctx.needs_input_grad[3] else None
+        return dx, dh0, dWx, dWh, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention LSTM
+class _AttentionLSTMFunction(torch.autograd.Function):
+    """h0 = c0 = mean of A; every step attends with h_{t-1} over A and adds ``attn Wattn``.
+
+    The recurrent input of a step is the pair [h_{t-1}, attn_t] (N, 2H), kept in one buffer hx (T+1, N, 2H)
+    so that ``[h, attn] @ [Wh; Wattn]`` is one matmul per step forward and ``da @ [Wh; Wattn]^T`` one per
+    step backward, and dWh, dWattn come out of a single matmul over all steps.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, Wx: Tensor, Wh: Tensor, Wattn: Tensor, b: Tensor) -> Tensor:
+        N, T, _ = x.shape
+        H = A.shape[1]
+        A_flat = A.reshape(N, H, -1)  # (N, H, P)
+        P = A_flat.shape[2]
+        scale = 1.0 / math.sqrt(H)
+        W_ha = torch.cat([Wh, Wattn], dim=0)  # (2H, 4H)
+        x_tm = _time_major(x)
+        gates = torch.addmm(b, x_tm, Wx).view(T, N, 4 * H)
+        hx = x.new_zeros(T + 1, N, 2 * H)  # hx[t] = [h_t, attn_{t+1}]; hx[T, :, H:] stays 0
+        cs = x.new_empty(T + 1, N, H)
+        weights = x.new_empty(T, N, P)
+        h0 = A_flat.mean(dim=2)
+        hx[0, :, :H] = h0
+        cs[0] = h0
+        tanh_c, h_next = x.new_empty(N, H), x.new_empty(N, H)
+        for t in range(T):
+            h, attn = hx[t, :, :H], hx[t, :, H:]
+            scores = torch.bmm(h.unsqueeze(1), A_flat).squeeze(1).mul_(scale)
+            weights[t] = scores.softmax(dim=1)
+            # (1, P) @ (P, H) per image: the row-vector form is ~6x faster on CPU than A (H, P) @ w (P, 1)
+            attn.copy_(torch.bmm(weights[t].unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1))
+            gates[t].addmm_(hx[t], W_ha)
+            _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_c, h_next)
+            hx[t + 1, :, :H] = h_next
+        ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, gates, weights)
+        ctx.A_shape = A.shape
+        return _batch_major(hx[1:, :, :H])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh_out: Tensor) -> tuple:
+        x_tm, A_flat, Wx, W_ha, hx, cs, gates, weights = ctx.saved_tensors
+        T1, N, H2 = hx.shape
+        T, H, P = T1 - 1, H2 // 2, A_flat.shape[2]
+        scale = 1.0 / math.sqrt(H)
+        W_haT = W_ha.t()
+        step = _LSTMBackwardStep(gates[0])
+        da = torch.empty_like(gates)
+        dhx = torch.empty(T, N, 2 * H, dtype=hx.dtype, device=hx.device)  # grads of [h_{t-1}, attn_t]
+        dscores = torch.empty_like(weights)
+        dh = dh_out[:, T - 1].clone()
+        dc = torch.zeros_like(dh)
+        for t in range(T - 1, -1, -1):
+            step(gates[t], cs[t], cs[t + 1], dh, dc, da[t])
+            torch.mm(da[t], W_haT, out=dhx[t])
+            # attn_t = A softmax(A^T h_{t-1} / sqrt(H)): back through the weighted sum and the softmax.
+            w = weights[t]
+            dw = torch.bmm(dhx[t, :, H:].unsqueeze(1), A_flat).squeeze(1)  # (N, P)
+            dw.sub_((dw * w).sum(1, keepdim=True)).mul_(w)
+            dscores[t] = dw
+            dh_attn = torch.bmm(dw.unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1)
+            # the gradient reaching h_{t-1}: its own output's, the recurrence's and the attention's
+            if t:
+                torch.add(dh_out[:, t - 1], dhx[t, :, :H], out=dh)
+            else:
+                dh.copy_(dhx[t, :, :H])
+            dh.add_(dh_attn, alpha=scale)
+        # dA from every step's weighted sum and scores, in two batched matmuls over the steps, and from
+        # h0 = c0 = mean(A).
+        dA = None
+        if ctx.needs_input_grad[1]:
+            dA = torch.bmm(dhx[:, :, H:].permute(1, 2, 0), weights.transpose(0, 1))  # (N, H, P)
+            dA.baddbmm_(hx[:T, :, :H].permute(1, 2, 0), dscores.transpose(0, 1), alpha=scale)
+            dA.add_(((dh + dc) / P).unsqueeze(2))
+            dA = dA.view(ctx.A_shape)
+        dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
+        dWh = dWattn = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            dW_ha = hx[:T].reshape(T * N, 2 * H).t() @ da.view(T * N, 4 * H)
+            dWh, dWattn = dW_ha[:H], dW_ha[H:]
+        return dx, dA, dWx, dWh, dWattn, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functions: same signatures and results as captioning.models.rnn's
+def rnn_forward_manual(x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor) -> Tensor:
+    """``rnn_forward`` with hand-written BPTT: x (N, T, D), h0 (N, H), Wx (D, H), Wh (H, H), b (H,) -> h (N, T, H)."""
+    _check_sequence("rnn_forward_manual", x, h0, Wx, Wh, b, gates=1)
+    tensors, device_type = _prepare("rnn_forward_manual", (x, h0, Wx, Wh, b))
+    with torch.autocast(device_type, enabled=False):
+        return _RNNFunction.apply(*tensors)
+
+
+def lstm_forward_manual(x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor) -> Tensor:
+    """``lstm_forward`` (c0 = 0) with hand-written BPTT: x (N, T, D), h0 (N, H), Wx (D, 4H), Wh (H, 4H),
+    b (4H,) -> h (N, T, H)."""
+    _check_sequence("lstm_forward_manual", x, h0, Wx, Wh, b, gates=4)
+    tensors, device_type = _prepare("lstm_forward_manual", (x, h0, Wx, Wh, b))
+    with torch.autocast(device_type, enabled=False):
+        return _LSTMFunction.apply(*tensors)
+
+
+def attention_lstm_forward_manual(
+    x: Tensor, A: Tensor, Wx: Tensor, Wh: Tensor, Wattn: Tensor, b: Tensor
+) -> Tensor:
+    """``attention_lstm_forward`` with hand-written BPTT: x (N, T, D), A (N, H, Dh, Dw) -> h (N, T, H)."""
+    if A.dim() != 4 or A.shape[2] * A.shape[3] == 0:
+        raise ValueError(f"attention_lstm_forward_manual: A must be (N, H, Dh, Dw) with Dh, Dw >= 1, got "
+                         f"{tuple(A.shape)}.")
+    _check_sequence("attention_lstm_forward_manual", x, A[:, :, 0, 0], Wx, Wh, b, gates=4)
+    if Wattn.shape != Wh.shape:
+        raise ValueError(f"attention_lstm_forward_manual: Wattn must have shape {tuple(Wh.shape)}, "
+                         f"got {tuple(Wattn.shape)}.")
+    tensors, device_type = _prepare("attention_lstm_forward_manual", (x, A, Wx, Wh, Wattn, b))
+    with torch.autocast(device_type, enabled=False):
+        return _AttentionLSTMFunction.apply(*tensors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused vocabulary projection + temporal softmax loss
+_CHUNK_ELEMENTS = 1 << 22  # scores per chunk: 16 MiB in float32, reused by the allocator between chunks
+
+
+class _LinearSoftmaxLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, ignore_index: int, per_token: bool,
+        batch: int,
+    ) -> Tensor:
+        """h (M, H) rows, targets (M,); the sum of -log p(target) / (kept rows if per_token else batch)."""
+        need_dh, need_dW, need_db = ctx.needs_input_grad[:3]
+        need_grad = need_dh or need_dW or need_db
+        V = weight.shape[0]
+        rows = (targets != ignore_index).nonzero().squeeze(1)  # only kept positions are projected at all
+        h_kept, t_kept = h.index_select(0, rows), targets.index_select(0, rows)
+        K = rows.shape[0]
+        denom = float(max(K, 1)) if per_token else float(batch)
+        chunk = max(1, min(K, _CHUNK_ELEMENTS // V))
+        total = h.new_zeros(())
+        dh_kept = torch.empty_like(h_kept) if need_dh else None
+        dW = torch.zeros_like(weight) if need_dW else None
+        db = torch.zeros_like(bias) if need_db else None
+        buffer = h.new_empty(chunk, V)
+        for start in range(0, K, chunk):
+            hc, tc = h_kept[start : start + chunk], t_kept[start : start + chunk]
+            s = buffer[: hc.shape[0]]
+            torch.addmm(bias, hc, weight.t(), out=s)
+            target_scores = s.gather(1, tc.unsqueeze(1))
+            m = s.amax(dim=1, keepdim=True)
+            sumexp = s.sub_(m).exp_().sum(dim=1, keepdim=True)
+            # -log p(target) = log sum exp(s) - s_target
+            total += (m + sumexp.log() - target_scores).sum()
+            if not need_grad:
+                continue
+            # d loss / d scores = (softmax - one_hot) / denominator, made in place from exp(s - m)
+            s.mul_(sumexp.reciprocal_().mul_(1.0 / denom))
+            s[torch.arange(s.shape[0], device=s.device), tc] -= 1.0 / denom
+            if need_dh:
+                torch.mm(s, weight, out=dh_kept[start : start + chunk])
+            if need_dW:
+                dW.addmm_(s.t(), hc)
+            if need_db:
+                db += s.sum(dim=0)
+        dh = None
+        if need_dh:
+            dh = torch.zeros_like(h).index_copy_(0, rows, dh_kept)
+        ctx.save_for_backward(*(t for t in (dh, dW, db) if t is not None))
+        ctx.has = (need_dh, need_dW, need_db)
+        return total / denom
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor) -> tuple:
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_loss if has else None for has in ctx.has]
+        return (*grads, None, None, None, None)
+
+
+def linear_temporal_softmax_loss(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    targets: Tensor,
+    ignore_index: int = 0,
+    normalize: str = "batch",
+) -> Tensor:
+    """``temporal_softmax_loss(h @ weight.T + bias, targets, ignore_index, normalize)`` without the scores.
+
+    h (N, T, H), weight (V, H), bias (V,) (an ``nn.Linear(H, V)``'s parameters), targets (N, T) -> scalar
+    loss, differentiable in h, weight and bias (not twice). Positions whose target is ``ignore_index`` are
+    never projected. Under autocast, or for dtypes other than float32/float64, it computes the unfused
+    form with autograd instead (the softmax of the fused form runs in the input dtype).
+    """
+    if h.dim() != 3 or targets.shape != h.shape[:2] or weight.dim() != 2 or weight.shape[1] != h.shape[2]:
+        raise ValueError(
+            f"linear_temporal_softmax_loss expects h (N, T, H), targets (N, T), weight (V, H); got h "
+            f"{tuple(h.shape)}, targets {tuple(targets.shape)}, weight {tuple(weight.shape)}."
+        )
+    if normalize not in ("batch", "tokens"):
+        raise ValueError(f"normalize must be 'batch' or 'tokens', got {normalize!r}.")
+    fusable = (
+        h.dtype in (torch.float32, torch.float64)
+        and weight.dtype == h.dtype == bias.dtype
+        and not torch.is_autocast_enabled(h.device.type)
+    )
+    if not fusable:
+        return temporal_softmax_loss(F.linear(h, weight, bias), targets, ignore_index, normalize)
+    N, T, H = h.shape
+    return _LinearSoftmaxLossFunction.apply(
+        h.reshape(N * T, H), weight, bias, targets.reshape(N * T), ignore_index, normalize == "tokens", N
+    )
