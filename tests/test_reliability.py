@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
+from test_train import tiny
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.checkpointing import (
@@ -30,15 +31,6 @@ from captioning.utils import explain_errors, resolve_ckpt_path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ["<NULL>", "<START>", "<END>", "<UNK>", "a", "red", "blue", "circle", "square"]
-
-
-def tiny(tmp_path, *extra):
-    return [
-        f"paths.root_dir={tmp_path}", "data.num_train=64", "data.num_val=16", "data.num_test=16",
-        "data.image_size=32", "data.num_workers=0", "data.persistent_workers=false", "data.progress=false",
-        "data.batch_size=16", "model.hidden_dim=32", "model.wordvec_dim=16", "encoder.channels=[8,16,32]",
-        "encoder.out_dim=32", "logger=csv", "callbacks.progress_bar=null", *extra,
-    ]
 
 
 def command(overrides):
