@@ -219,6 +219,8 @@ def test_beam_search_never_less_likely_than_greedy(cell_type, beam_size):
     # The reported scores are the true sequence log-probabilities...
     torch.testing.assert_close(beam.log_probs, sequence_log_probs(model, feats, beam.captions).float(),
                                rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(greedy.log_probs, sequence_log_probs(model, feats, greedy.captions).float(),
+                               rtol=1e-4, atol=1e-4)
     # ...and never below greedy's, image by image.
     assert torch.all(beam.log_probs >= greedy.log_probs.float() - 1e-4)
     assert (beam.log_probs > greedy.log_probs.float() + 1e-4).any() or beam_size == 2

@@ -170,21 +170,30 @@ class CaptioningRNN(nn.Module):
         Returns captions (N, max_length) without ``<START>``, and for ``attention`` the attention weights
         (N, max_length, h, w) of every step (zeros after a row's end), else None.
         """
+        captions, _, attn_weights = self.greedy(features, max_length)
+        return captions, attn_weights
+
+    @torch.no_grad()
+    def greedy(self, features: Tensor, max_length: int = 16) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``sample`` that also returns each caption's log-probability (N,), summed as it decodes."""
         N = features.shape[0]
         state = self.init_state(features)
         words = features.new_full((N,), self.start_id, dtype=torch.long)
         captions = features.new_full((N, max_length), self.null_id, dtype=torch.long)
+        log_probs = features.new_zeros(N, dtype=torch.float32)
         attn_weights = None
         if state.A is not None:
             attn_weights = features.new_zeros((N, max_length, *state.A.shape[2:]))
         done = torch.zeros(N, dtype=torch.bool, device=features.device)
         for t in range(max_length):
             scores, state, weights = self.step(words, state)
-            words = scores.argmax(dim=1).masked_fill(done, self.null_id)
+            best, words = scores.float().log_softmax(dim=1).max(dim=1)
+            words = words.masked_fill(done, self.null_id)
+            log_probs += best.masked_fill(done, 0.0)
             captions[:, t] = words
             if weights is not None:
                 attn_weights[:, t] = weights.masked_fill(done.view(N, 1, 1), 0.0)
             done = done | (words == self.end_id)
             if bool(done.all()):
                 break
-        return captions, attn_weights
+        return captions, log_probs, attn_weights

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .captioner import CaptioningRNN
+from .captioner import CaptioningRNN, DecoderState
 
 __all__ = ["Decoded", "CaptionDecoder", "greedy_decode", "beam_search", "sample_decode", "sequence_log_probs"]
 
@@ -43,9 +43,8 @@ def sequence_log_probs(model: CaptioningRNN, features: Tensor, captions: Tensor)
 
 @torch.no_grad()
 def greedy_decode(model: CaptioningRNN, features: Tensor, max_length: int = 16) -> Decoded:
-    """The most likely word at every step (``CaptioningRNN.sample``), with its log-probability."""
-    captions, attn_weights = model.sample(features, max_length)
-    return Decoded(captions, sequence_log_probs(model, features, captions), attn_weights)
+    """The most likely word at every step (``CaptioningRNN.greedy``), with its log-probability."""
+    return Decoded(*model.greedy(features, max_length))
 
 
 @torch.no_grad()
@@ -99,7 +98,9 @@ def beam_search(
         greedy_beam = flat.eq(greedy_flat.unsqueeze(1)).int().argmax(dim=1)
         beam, words2d = flat // V, flat % V
         rows = (beam + images.unsqueeze(1) * K).view(-1)
-        state = state.index_select(rows)
+        # Beams only move within their image's block of rows, so the projected map A stays as it is.
+        state = DecoderState(state.h.index_select(0, rows),
+                             None if state.c is None else state.c.index_select(0, rows), state.A)
         captions = captions.gather(1, beam.unsqueeze(-1).expand(N, K, max_length)).clone()
         captions[:, :, t] = words2d
         if weights is not None:
