@@ -5,9 +5,11 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -141,6 +143,44 @@ def test_ddp_cpu_trains_checkpoints_and_resumes(tmp_path):
     assert set(metrics["test"]) >= {"test/loss", "test/bleu4"}  # test ran under DDP as well
     assert metrics["val_images"] == 16  # every validation image scored once, not once per rank
     assert proc.stdout.count("metrics written to") == 1
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    """SIGTERM to rank 0 of 2 gloo processes: every rank stops after the same batch, the checkpoint records
+    the position in each rank's shard, and the resumed run's losses equal an uninterrupted run's."""
+    from test_reliability import command, train_losses
+
+    steps = _steps_per_epoch(2) * 4  # batch 4 instead of 16: 40 steps an epoch per rank
+    options = tiny(tmp_path, "trainer=ddp_cpu", "data.batch_size=4", "trainer.max_epochs=2", "test=false",
+                   "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1", "callbacks.report=null")
+    straight = [o.replace(f"paths.root_dir={tmp_path}", f"paths.root_dir={tmp_path / 'straight'}") for o in options]
+    train(straight)
+    expected = train_losses(run_dirs(tmp_path / "straight")[0])
+    assert sorted(expected) == list(range(2 * steps))
+
+    proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((tmp_path / "outputs" / "train" / "runs").glob("*/csv/metrics.csv"))
+        if runs and len(train_losses(runs[0].parents[1])) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    (first,) = run_dirs(tmp_path)
+    checkpoint = ckpt(first / "checkpoints" / "interrupted.ckpt")
+    step = checkpoint["global_step"]
+    assert 5 <= step < steps, "the signal should land in the middle of epoch 0"
+    assert checkpoint["ShapesDataModule"]["train_position"] == {"epoch": 0, "batch": step, "batch_size": 4,
+                                                                "world_size": 2}
+
+    train([*options, "ckpt_path=last"])
+    second = next(d for d in run_dirs(tmp_path) if d != first)
+    assert min(train_losses(second)) == step
+    resumed = {**train_losses(first), **train_losses(second)}
+    assert resumed == pytest.approx(expected, rel=1e-6, abs=0)
 
 
 @pytest.mark.slow

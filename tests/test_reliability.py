@@ -329,6 +329,41 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_and_ckpt_path_last_resumes_it(tmp
 
 
 @pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    # 320 pairs / batch 4 = 80 steps an epoch, 2 epochs; two DataLoader workers, dropout and validation as usual
+    options = [o for o in tiny(tmp_path, "data.batch_size=4") if not o.startswith("data.num_workers=")]
+    options += ["data.num_workers=2", "trainer.max_epochs=2", "test=false", "trainer.log_every_n_steps=1",
+                "+logger.csv.flush_logs_every_n_steps=1", "callbacks.report=null"]
+    straight = [o.replace(f"paths.root_dir={tmp_path}", f"paths.root_dir={tmp_path / 'straight'}") for o in options]
+    train(straight)
+    expected = train_losses(run_dirs(tmp_path / "straight")[0])
+    assert sorted(expected) == list(range(160))
+
+    proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((tmp_path / "outputs" / "train" / "runs").glob("*/csv/metrics.csv"))
+        if runs and len(train_losses(runs[0].parents[1])) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    (first,) = run_dirs(tmp_path)
+    checkpoint = torch.load(first / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    step = checkpoint["global_step"]
+    assert 5 <= step < 80, "the signal should land in the middle of epoch 0"
+    assert checkpoint["ShapesDataModule"]["train_position"]["batch"] == step
+
+    proc = train([*options, "ckpt_path=last"])
+    assert f"Resuming the data order of epoch 0 at batch {step}" in proc.stdout + proc.stderr
+    second = next(d for d in run_dirs(tmp_path) if d != first)
+    resumed = {**train_losses(first), **train_losses(second)}
+    assert min(train_losses(second)) == step
+    assert resumed == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_loss_curve(tmp_path):
     options = ["test=false", "trainer.log_every_n_steps=1", "callbacks.report=null"]
     train(tiny(tmp_path / "straight", "trainer.max_epochs=2", *options))

@@ -7,8 +7,8 @@ resumes, and a format number so an incompatible checkpoint is refused with a cle
   batch and saves ``<dirpath>/interrupted.ckpt``; any other exception during training saves it too. The
   message names the file to resume with (``ckpt_path=last`` finds it as well).
 - :class:`RandomState` (callback): the Python, NumPy and torch random generators in every checkpoint, restored
-  on resume, so the data order and the loss curve after a resume from an epoch boundary equal an
-  uninterrupted run's.
+  on resume. With the DataModule's resumable training order (:mod:`captioning.data.sampling`) the loss curve
+  after a resume, from an epoch boundary or from the middle of an epoch, equals an uninterrupted run's.
 - :func:`check_format` / :func:`read_checkpoint`: a file that is not a checkpoint of this project, or one
   written in another format, gives a one-paragraph error naming the file and what to do.
 """
@@ -132,8 +132,8 @@ class InterruptCheckpoint(L.Callback):
     the work up to the failure can be resumed after the fix. Nothing is saved before the first step.
 
     Resume with ``ckpt_path=<the printed path>`` or ``ckpt_path=last`` (the newest of the task's
-    ``last.ckpt`` and ``interrupted.ckpt``). Mid-epoch resumes restart the epoch's data order (Lightning warns);
-    resumes from an epoch boundary continue exactly (see :class:`RandomState`).
+    ``last.ckpt`` and ``interrupted.ckpt``). The run continues exactly: the DataModule resumes the epoch's
+    data order at the next batch, :class:`RandomState` the random generators.
 
     A plain callback, not a ``Checkpoint``: it must not count as the trainer's ``checkpoint_callback``.
 
@@ -225,9 +225,10 @@ class RandomState(L.Callback):
     """The random generators (Python, NumPy, torch CPU and CUDA) in every checkpoint, restored on resume.
 
     Lightning restores weights, optimizer, scheduler and loop counters but not the generators, so a resumed
-    run would shuffle its next epoch differently from an uninterrupted one. Lightning restores callbacks
-    before the sanity check (which it runs in an isolated RNG scope) and before it creates the training
-    iterator, so the next epoch's shuffle draws from exactly the state the uninterrupted run had.
+    run would draw different dropout masks (and, in the main process, augmentations and any sampler drawing
+    from the global state) than an uninterrupted one. Lightning restores callbacks before the sanity check
+    (which it runs in an isolated RNG scope) and before it creates the training iterator, so the next step
+    draws from exactly the state the uninterrupted run had.
     States are plain lists and tensors: the checkpoint still loads with ``weights_only=True``.
     """
 

@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -45,6 +46,7 @@ from captioning.data.features import (
 )
 from captioning.data.images import ON_BAD_IMAGE, BadImage, BadImageError, BadImageLog, load_image
 from captioning.data.karpathy import karpathy_split_names, read_karpathy
+from captioning.data.sampling import ResumableSampler, TrainingPosition, training_position
 from captioning.data.vocab import Vocabulary, pad_captions
 
 __all__ = [
@@ -538,6 +540,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         self._karpathy: tuple[Any, list] | None = None
         self.datasets: dict[str, Dataset] = {}
         self.bad_image_logs: dict[str, BadImageLog] = {}
+        self._resume_position: TrainingPosition | None = None
 
     # ------------------------------------------------------------------ paths
     def _writable_home(self, name: str) -> Path:
@@ -808,20 +811,61 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         return {int(i): list(refs) for i, refs in zip(data.image_ids, data.references, strict=True)}
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+    def _loader(self, role: str, sampler: Any = None, generator: torch.Generator | None = None) -> DataLoader:
         if role not in self.datasets:
             raise RuntimeError(f"The {role} dataset is not built; call setup() with a stage that uses it first.")
         return DataLoader(
-            self.datasets[role], batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
+            self.datasets[role], batch_size=self.batch_size, sampler=sampler, shuffle=False, drop_last=False,
             num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=SkippingCollate(self.datasets[role]),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0, generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled pairs in an order fixed by the run's ``seed`` and the epoch (see
+        :class:`~captioning.data.sampling.ResumableSampler`), continued where a resumed checkpoint stopped."""
+        if "train" not in self.datasets:
+            raise RuntimeError("The train dataset is not built; call setup('fit') first.")
+        trainer = self.trainer
+        world_size, rank, epoch = ((trainer.world_size, trainer.global_rank, trainer.current_epoch)
+                                   if trainer is not None else (1, 0, 0))
+        # Lightning's convention for the samplers it injects: the seed_everything seed, else 0 (every rank agrees).
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(self.datasets["train"], num_replicas=world_size, rank=rank, seed=seed,
+                                   epoch=epoch)
+        position, self._resume_position = self._resume_position, None
+        if position is not None:
+            if (position.batch_size, position.world_size) == (self.batch_size, world_size):
+                sampler.resume(position.epoch, position.batch * self.batch_size)
+                if position.batch:
+                    rank_zero_info(f"Resuming the data order of epoch {position.epoch} at batch {position.batch}.")
+            else:
+                warnings.warn(
+                    f"The checkpoint was written with data.batch_size={position.batch_size} on "
+                    f"{position.world_size} process(es) and this run uses {self.batch_size} on {world_size}: the "
+                    f"rest of epoch {position.epoch} cannot continue the interrupted order, so its remaining "
+                    "batches restart that epoch's order from the beginning. Resume with the same batch size and "
+                    "number of devices to continue exactly.", UserWarning, stacklevel=2)
+                sampler.set_epoch(position.epoch)
+        # Its own generator: creating the iterator (and the workers' seeds) must not draw from the global
+        # random state, or a resumed run's dropout would drift from the uninterrupted run's.
+        return self._loader("train", sampler=sampler, generator=torch.Generator().manual_seed(seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands (epoch, batch, batch size, processes): a resumed run continues the data
+        order from there. Plain ints, so checkpoints still load with ``weights_only=True``."""
+        position = training_position(self.trainer, self.batch_size)
+        return {"train_position": position.state_dict()} if position is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_position" in state_dict:
+            self._resume_position = TrainingPosition.from_state_dict(state_dict["train_position"])
+            # Lightning only asks the DataLoader itself whether it can resume; this DataModule does it.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the "
+                                    "epoch ended and your dataloader is not resumable")
