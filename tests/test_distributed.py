@@ -1,6 +1,7 @@
 """Distributed and mixed-precision training: real 2-process DDP (gloo) through src/train.py, resume,
 per-device batch size, bf16 autocast through the hand-written core, and the multi-node / SLURM configs."""
 
+import csv
 import json
 import math
 import os
@@ -181,6 +182,39 @@ def test_ddp_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_cur
     assert min(train_losses(second)) == step
     resumed = {**train_losses(first), **train_losses(second)}
     assert resumed == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_ddp_nan_loss_on_one_rank_only_is_handled_by_every_rank(tmp_path, policy):
+    """Rank 1 alone sees a NaN loss at step 3: every rank must take the same branch — all stop with the
+    error, or all skip the update — rather than one waiting forever in the gradient all-reduce."""
+    options = tiny(tmp_path, "trainer=ddp_cpu", "trainer.max_epochs=1", "test=false", "callbacks.report=null",
+                   f"module.nonfinite_loss={policy}", "trainer.log_every_n_steps=1",
+                   "+callbacks.fault._target_=faults.NanImages",
+                   "+callbacks.fault.step=3", "+callbacks.fault.rank=1")
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "default",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "src/train.py", *options], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    (run,) = run_dirs(tmp_path)
+    if policy == "fail":
+        assert proc.returncode == 1, output[-3000:]
+        assert "The training loss is nan at global step 3 (epoch 0, batch 3) on process 1 of 2" in output
+        saved = ckpt(run / "checkpoints" / "interrupted.ckpt")  # the state before the bad step, resumable
+        assert saved["global_step"] == 3
+        assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    else:
+        assert proc.returncode == 0, output[-3000:]
+        final = ckpt(run / "checkpoints" / "last.ckpt")
+        assert final["global_step"] == _steps_per_epoch(2)
+        assert all(torch.isfinite(v).all() for v in final["state_dict"].values() if v.is_floating_point())
+        with open(run / "csv" / "metrics.csv") as file:  # the running count, from the skipped step on
+            skipped = {int(row["step"]): float(row["train/nonfinite_steps"]) for row in csv.DictReader(file)
+                       if row.get("train/nonfinite_steps")}
+        assert min(skipped) == 3 and set(skipped.values()) == {1.0}
+        assert "Non-finite training loss (nan) at global step 3 (epoch 0, batch 3) on process 1 of 2" in output
 
 
 @pytest.mark.slow

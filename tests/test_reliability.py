@@ -3,6 +3,7 @@ through the entry point, a logging backend that fails."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import signal
@@ -105,6 +106,9 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_a_finite_checkpoint(tmp_pa
     # The failure saved the state before the bad step: resumable after lowering the lr.
     saved = torch.load(interrupt.ckpt_path, weights_only=True)
     assert saved["global_step"] == 1
+    # weights and BatchNorm statistics both as they were before the bad batch's forward
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    assert int(saved["state_dict"]["encoder.blocks.0.1.num_batches_tracked"]) == 1
     assert "stopped by NonFiniteLossError at epoch 0, global step 1" in capsys.readouterr().err
 
 
@@ -118,6 +122,32 @@ def test_nonfinite_loss_skip_counts_and_never_updates_on_nan(tmp_path):
     assert float(trainer.callback_metrics["train/nonfinite_steps"]) == 3
     with pytest.raises(ValueError, match="module.nonfinite_loss='ignore' is not one of fail, skip"):
         make_module(nonfinite_loss="ignore")
+
+
+def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(tmp_path):
+    from faults import NanImages
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                self.before = copy.deepcopy((pl_module.state_dict(), trainer.optimizers[0].state_dict()))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                self.after = copy.deepcopy((pl_module.state_dict(), trainer.optimizers[0].state_dict()))
+
+    module = make_module(nonfinite_loss="skip")
+    module.hparams.optimizer = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 0.1}
+    snapshot = Snapshot()
+    with pytest.warns(UserWarning, match=r"Non-finite training loss \(nan\) at global step 2"):
+        trainer = fit(module, tmp_path, callbacks=[NanImages(step=2), snapshot])
+    (weights, optimizer), (weights_after, optimizer_after) = snapshot.before, snapshot.after
+    assert all(torch.equal(weights[k], weights_after[k]) for k in weights)
+    for state, state_after in zip(optimizer["state"].values(), optimizer_after["state"].values(), strict=True):
+        assert all(torch.equal(state[k], state_after[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+        assert int(state_after["step"]) == 2
+    assert module.nonfinite_steps == 1 and trainer.global_step == 4  # the other steps did update
+    assert not all(torch.equal(weights[k], v) for k, v in module.state_dict().items())
 
 
 def test_wandb_without_a_network_keeps_training(tmp_path, monkeypatch):

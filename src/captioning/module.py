@@ -63,6 +63,7 @@ class CaptioningModule(L.LightningModule):
         nonfinite_loss: what a NaN or infinite training loss does: ``"fail"`` stops the run with
             :class:`NonFiniteLossError` naming the step (before the update: the weights stay finite);
             ``"skip"`` skips the step (no update), warns, and counts it in ``train/nonfinite_steps``.
+            Under DDP a non-finite loss on any rank makes every rank fail, or skip, at the same step.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class CaptioningModule(L.LightningModule):
             }
         )
         self.nonfinite_steps = 0
+        self._drop_gradients = False  # set by a skipped step, read by on_before_optimizer_step
         self.encoder: nn.Module = instantiate(self.hparams.encoder)
         self.decoder: CaptioningRNN | None = None
         self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
@@ -189,23 +191,47 @@ class CaptioningModule(L.LightningModule):
         """Images (N, 3, S, S) -> decoded captions with the configured strategy."""
         return self.decoding(self.decoder, self.encoder(images))
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        # The forward updates BatchNorm running statistics before the loss can be checked; keep a copy (a few
+        # values per channel) so a non-finite batch leaves no NaN in them either.
+        running_stats = _running_stats(self)
+        saved_stats = [stat.clone() for stat in running_stats]
         loss = self.decoder(self.encode(batch), batch["captions"])
         # One device sync a step; training on a NaN would silently destroy the weights.
-        if not torch.isfinite(loss):
+        if not self._finite_on_every_rank(loss):
+            for stat, saved in zip(running_stats, saved_stats, strict=True):
+                stat.copy_(saved)
             return self._nonfinite(loss, batch_idx)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["captions"]))
         return loss
 
-    def _nonfinite(self, loss: Tensor, batch_idx: int) -> None:
+    def _finite_on_every_rank(self, loss: Tensor) -> bool:
+        # Under DDP all ranks must take the same branch: a rank that skips its backward (or raises) while the
+        # others wait in the gradient all-reduce would hang the run. One tiny all-reduce a step.
+        finite = bool(torch.isfinite(loss))
+        trainer = self._trainer
+        return trainer.strategy.reduce_boolean_decision(finite, all=True) if trainer is not None else finite
+
+    def _nonfinite(self, loss: Tensor, batch_idx: int) -> Tensor:
         where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank is here (the decision was collective): name the process whose loss is not finite.
+            losses = self.all_gather(loss.detach().float()).reshape(-1)
+            rank = int((~torch.isfinite(losses)).nonzero()[0])
+            loss = losses[rank]
+            where += f" on process {rank} of {self.trainer.world_size}"
         if self.hparams.get("nonfinite_loss", "fail") == "skip":
             self.nonfinite_steps += 1
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False,
                      batch_size=1)
             rank_zero_warn(f"Non-finite training loss ({loss.item()}) at {where}: step skipped "
                            f"({self.nonfinite_steps} so far; module.nonfinite_loss=skip).")
-            return None  # Lightning skips the backward pass and the update
+            # Not `return None`: Lightning refuses it under DDP, where every rank must join the gradient
+            # all-reduce. A zero loss on the (finite) weights alone gives exact zero gradients, free of the
+            # NaNs; on_before_optimizer_step then drops them, so the optimizer leaves every weight and its
+            # state (Adam's moments, weight decay) untouched.
+            self._drop_gradients = True
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         raise NonFiniteLossError(
             f"The training loss is {loss.item()} at {where}; the run stopped before this step's update, so the "
             "weights are still finite. Try a lower learning rate (optimizer.lr), stronger gradient clipping "
@@ -258,6 +284,11 @@ class CaptioningModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------
     # Optimisation
     def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self._drop_gradients:  # a skipped non-finite step: torch optimizers leave params without grads alone
+            self._drop_gradients = False
+            for param in self.parameters():
+                param.grad = None
+            return
         # The total L2 norm of the gradients, taken before clipping (which comes after this hook) and after
         # AMP unscaling: spikes and drifts show an unstable run before its loss does.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -285,6 +316,15 @@ class CaptioningModule(L.LightningModule):
                 "monitor": self.hparams.scheduler_monitor,
             },
         }
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _running_stats(module: nn.Module) -> list[Tensor]:
+    """The running statistics that a training-mode forward of ``module`` updates (BatchNorm layers)."""
+    return [stat for m in module.modules() if isinstance(m, _BATCH_NORMS) and m.training and m.track_running_stats
+            for stat in (m.running_mean, m.running_var, m.num_batches_tracked) if stat is not None]
 
 
 def load_checkpoint(
