@@ -210,3 +210,37 @@ def test_bad_parameters_are_rejected_with_their_name(tmp_path):
         generate_shapes_dataset(tmp_path / "s", num_train=0, progress=False)
     with pytest.raises(ValueError, match="image_size"):
         generate_shapes_dataset(tmp_path / "s", image_size=4, progress=False)
+
+
+def _prepare(root: str) -> None:
+    shapes.ShapesDataModule(root=root, num_train=40, num_val=5, num_test=5, image_size=32, progress=False,
+                            num_workers=0).prepare_data()
+
+
+def test_nodes_preparing_the_same_folder_at_once_take_turns(tmp_path, monkeypatch):
+    # Lightning runs prepare_data on one process per node; nodes often share the data folder. Unserialised,
+    # a second node's freshly drawn set replaced the folder under the first one's vocabulary file, still
+    # being written (slowed down here, so that the overlap is certain).
+    import multiprocessing
+    import tempfile
+    import time
+
+    mkstemp = tempfile.mkstemp
+
+    def slow_mkstemp(*args, **kwargs):
+        made = mkstemp(*args, **kwargs)
+        time.sleep(1.0)
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", slow_mkstemp)
+    root = str(tmp_path / "shared" / "shapes")
+    context = multiprocessing.get_context("fork")  # no re-import of torch: quick
+    nodes = [context.Process(target=_prepare, args=(root,)) for _ in range(3)]
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.join(timeout=120)
+    assert [node.exitcode for node in nodes] == [0, 0, 0]
+    vocab = Vocabulary.load(tmp_path / "shared" / "shapes" / "vocab_train2017_min1.json")
+    assert len(vocab) > 10
+    assert not [p.name for p in (tmp_path / "shared").iterdir() if p.name.startswith(".shapes.tmp")]

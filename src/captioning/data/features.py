@@ -17,12 +17,11 @@ the file itself instead of receiving a copy.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from captioning.data.images import BadImage
-
-try:  # POSIX; elsewhere concurrent builders of one cache are not serialised
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from captioning.data.locking import file_lock
 
 __all__ = [
     "FEATURE_DTYPES",
@@ -105,19 +100,6 @@ def _read_json(path: Path) -> Any:
 def _progress(directory: Path) -> dict[str, Any]:
     state = _read_json(directory / PROGRESS_FILE)
     return state if isinstance(state, dict) else {}
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Serialise builders of one cache (several nodes' prepare_data on a shared file system)."""
-    with open(directory / LOCK_FILE, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -219,7 +201,8 @@ def build_feature_store(
     image_ids = np.asarray(image_ids, dtype=np.int64)
     if len(image_ids) != len(images):
         raise ValueError(f"build_feature_store: {len(image_ids)} image ids for {len(images)} images.")
-    with _locked(directory):
+    # Serialise builders of one cache (several nodes' prepare_data on a shared file system).
+    with file_lock(directory / LOCK_FILE):
         if _progress(directory).get("complete"):
             return FeatureStore(directory)  # another process finished it while we waited
         if _read_json(directory / KEY_FILE) != json.loads(json.dumps(key, default=str)):

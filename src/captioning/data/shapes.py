@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from captioning.data.coco import CocoCaptionsDataModule
+from captioning.data.locking import file_lock
 
 # Bump whenever drawing or captions change, so existing sets on disk are regenerated.
 GENERATOR_VERSION = 1
@@ -448,5 +449,8 @@ class ShapesDataModule(CocoCaptionsDataModule):
         _params(**self.generator_args)  # fail at construction on bad sizes, not later in prepare_data
 
     def prepare_data(self) -> None:
-        ensure_shapes_dataset(self.root, progress=self.progress, **self.generator_args)
-        super().prepare_data()
+        # One process per node gets here; nodes sharing the folder take turns, or one node's new set would
+        # replace the folder under the other's vocabulary file. The later ones find the work done.
+        with file_lock(self.root.parent / f".{self.root.name}.lock"):
+            ensure_shapes_dataset(self.root, progress=self.progress, **self.generator_args)
+            super().prepare_data()
