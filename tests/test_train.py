@@ -84,13 +84,16 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_learns_to_look(tmp_path):
-    """A shortened default run beats the blind baseline and gives image-dependent captions."""
-    train([f"paths.root_dir={tmp_path}", "data.num_train=1500", "data.num_val=200", "data.num_test=50",
-           "data.progress=false", "trainer.max_epochs=4", "logger=csv", "callbacks.progress_bar=null"])
+    """A shortened default run (4 of the 10 epochs) beats the blind baseline and gives image-dependent
+    captions. Shorter runs (1,500 images x 4 epochs, 470 steps) are still on the early plateau where the
+    decoder emits a handful of templates: measured 8-14 distinct captions, BLEU-4 0.21-0.28 (baseline 0.21)."""
+    train([f"paths.root_dir={tmp_path}", "data.num_val=200", "data.num_test=50", "data.progress=false",
+           "trainer.max_epochs=4", "logger=csv", "callbacks.progress_bar=null"])
     (run,) = run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     # The blind baseline is the best constant caption; a model that looks beats it, most clearly on CIDEr-D
-    # (full default run, epoch 4: BLEU-4 0.29 vs 0.19, CIDEr-D 1.09 vs 0.41).
+    # (measured with seeds 12345 / 1: BLEU-4 0.310 / 0.277 vs 0.213, CIDEr-D 1.45 / 1.09 vs 0.48,
+    # 68 / 40 distinct captions for the 200 images).
     blind = metrics["blind_baseline"]
     assert metrics["best"]["val/bleu4"] > blind["bleu4"]
     assert metrics["best"]["val/cider"] > 1.5 * blind["cider"]
