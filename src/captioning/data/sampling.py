@@ -62,8 +62,8 @@ class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (seeded shuffle per epoch, one shard per rank) that can start mid-epoch.
 
     Being a ``DistributedSampler``, Lightning leaves it in place under DDP instead of wrapping it, and
-    calls :meth:`set_epoch` before every epoch. :meth:`resume` makes the next iteration of ``epoch``
-    skip the first ``batch * batch_size`` indices of this rank's shard; later iterations are whole again.
+    calls :meth:`set_epoch` before every epoch. :meth:`resume` makes the next iteration of an epoch skip
+    the start of this rank's shard (the batches already trained on); later iterations are whole again.
 
     Args:
         dataset: the sized dataset to draw indices from.
