@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -150,7 +149,7 @@ def test_ddp_cpu_trains_checkpoints_and_resumes(tmp_path):
 def test_ddp_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     """SIGTERM to rank 0 of 2 gloo processes: every rank stops after the same batch, the checkpoint records
     the position in each rank's shard, and the resumed run's losses equal an uninterrupted run's."""
-    from test_reliability import command, train_losses
+    from test_reliability import signal_after_steps, train_losses
 
     steps = _steps_per_epoch(2) * 4  # batch 4 instead of 16: 40 steps an epoch per rank
     options = tiny(tmp_path, "trainer=ddp_cpu", "data.batch_size=4", "trainer.max_epochs=2", "test=false",
@@ -160,16 +159,7 @@ def test_ddp_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_cur
     expected = train_losses(run_dirs(tmp_path / "straight")[0])
     assert sorted(expected) == list(range(2 * steps))
 
-    proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((tmp_path / "outputs" / "train" / "runs").glob("*/csv/metrics.csv"))
-        if runs and len(train_losses(runs[0].parents[1])) >= 5:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    signal_after_steps(options, tmp_path, signal.SIGTERM)  # to rank 0, which forwards it
     (first,) = run_dirs(tmp_path)
     checkpoint = ckpt(first / "checkpoints" / "interrupted.ckpt")
     step = checkpoint["global_step"]

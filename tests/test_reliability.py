@@ -56,6 +56,22 @@ def train_losses(run: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(file) if r.get("train/loss_step")}
 
 
+def signal_after_steps(options, root: Path, signum: int, steps: int = 5) -> tuple[str, str]:
+    """Start src/train.py, send ``signum`` once its CSV log has ``steps`` losses; (stdout, stderr) after it
+    exited with 128 + SIGTERM (a first Ctrl+C stops the same way)."""
+    proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((root / "outputs" / "train" / "runs").glob("*/csv/metrics.csv"))
+        if runs and len(train_losses(runs[0].parents[1])) >= steps:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    return stdout, stderr
+
+
 # ---------------------------------------------------------------------------------------------------------
 # In-process pieces: a tiny module on random tensors (no data set, no Hydra)
 # ---------------------------------------------------------------------------------------------------------
@@ -329,16 +345,7 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_and_ckpt_path_last_resumes_it(tmp
     # 64 images x 5 captions / batch 4 = 80 steps an epoch; stop after a few
     options = tiny(tmp_path, "data.batch_size=4", "trainer.max_epochs=1", "test=false",
                    "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1")
-    proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((tmp_path / "outputs" / "train" / "runs").glob("*/csv/metrics.csv"))
-        if runs and len(train_losses(runs[0].parents[1])) >= 5:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signum)  # SIGINT = Ctrl+C: stops after the batch, like SIGTERM
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    stdout, stderr = signal_after_steps(options, tmp_path, signum)  # SIGINT = Ctrl+C: stops like SIGTERM
     if signum == signal.SIGINT:
         assert "Ctrl+C: stopping after the current batch" in stderr
     (first,) = run_dirs(tmp_path)
@@ -369,16 +376,7 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(t
     expected = train_losses(run_dirs(tmp_path / "straight")[0])
     assert sorted(expected) == list(range(160))
 
-    proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((tmp_path / "outputs" / "train" / "runs").glob("*/csv/metrics.csv"))
-        if runs and len(train_losses(runs[0].parents[1])) >= 5:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    signal_after_steps(options, tmp_path, signal.SIGTERM)
     (first,) = run_dirs(tmp_path)
     checkpoint = torch.load(first / "checkpoints" / "interrupted.ckpt", weights_only=True)
     step = checkpoint["global_step"]
