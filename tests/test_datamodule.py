@@ -226,6 +226,14 @@ def test_missing_annotation_file_names_the_expected_path(coco_root):
      "caption"),
     ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": 2, '
      '"caption": "x"}]}', "image ids not in"),
+    # wrongly typed values
+    ('{"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": []}', "not an integer"),
+    ('{"images": [{"id": 1, "file_name": ""}], "annotations": []}', "file_name ''"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []}',
+     "repeats image id 1"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": {"x": 1}, '
+     '"caption": "a"}]}', "must be integers"),
+    ('{"images": [{"id": 1e400, "file_name": "a.jpg"}], "annotations": []}', "not an integer"),
 ])
 def test_bad_annotation_files_are_explained(tmp_path, content, problem):
     root = tmp_path / "coco"
