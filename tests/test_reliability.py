@@ -56,9 +56,10 @@ def train_losses(run: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(file) if r.get("train/loss_step")}
 
 
-def signal_after_steps(options, root: Path, signum: int, steps: int = 5) -> tuple[str, str]:
-    """Start src/train.py, send ``signum`` once its CSV log has ``steps`` losses; (stdout, stderr) after it
-    exited with 128 + SIGTERM (a first Ctrl+C stops the same way)."""
+def signal_after_steps(options, root: Path, signum: int, steps: int = 5, rank: int = 0) -> tuple[str, str]:
+    """Start src/train.py, send ``signum`` to the process of ``rank`` (0: the one started here; under DDP
+    the others are its children) once the CSV log has ``steps`` losses; (stdout, stderr) after it exited
+    with 128 + SIGTERM (a first Ctrl+C stops the same way)."""
     proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -66,10 +67,31 @@ def signal_after_steps(options, root: Path, signum: int, steps: int = 5) -> tupl
         if runs and len(train_losses(runs[0].parents[1])) >= steps:
             break
         time.sleep(0.2)
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
+    os.kill(proc.pid if rank == 0 else _child_of_rank(proc.pid, rank), signum)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # a hung DDP run: leave no process behind
+            os.kill(pid, signal.SIGKILL)
+        raise
     assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
     return stdout, stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [grand for child in children for grand in (child, *_descendants(child))]
+
+
+def _child_of_rank(pid: int, rank: int) -> int:
+    """The process Lightning's DDP launcher started for ``rank`` (its environment says LOCAL_RANK)."""
+    for child in _descendants(pid):
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return child
+    raise AssertionError(f"no child process of {pid} has LOCAL_RANK={rank}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -125,11 +125,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class InterruptCheckpoint(L.Callback):
     """Saves ``<dirpath>/<filename>.ckpt`` when training is interrupted or fails, and says how to resume.
 
-    SIGTERM (a scheduler's pre-emption, ``kill``) makes Lightning finish the current batch and stop; a first
-    Ctrl+C (SIGINT) does the same here (a second one stops at once). The checkpoint then holds a consistent
-    state (weights, optimizer, scheduler, loop counters, callbacks, random state) after the last completed
-    batch. Any other exception during training (a non-finite loss, a crash in validation) saves it too, so
-    the work up to the failure can be resumed after the fix. Nothing is saved before the first step.
+    SIGTERM (a scheduler's pre-emption, ``kill``) or a first Ctrl+C (SIGINT) stops training after the current
+    batch (a second Ctrl+C stops at once). The checkpoint then holds a consistent state (weights, optimizer,
+    scheduler, loop counters, callbacks, random state) after the last completed batch. Any other exception
+    during training (a non-finite loss, a crash in validation) saves it too, so the work up to the failure
+    can be resumed after the fix. Nothing is saved before the first step.
+
+    Under DDP every process must stop after the same batch, or the ones still training wait forever in the
+    next gradient all-reduce. A signal may reach one process (``kill`` of rank 0, which forwards it to the
+    processes it started) or all of them at different moments, so while fitting the handler here only
+    notes the request; at the end of every training batch and validation the processes agree (one all-reduce
+    of a flag: stop if any process was signalled) and all hand the stop to Lightning at the same point.
+    Lightning's own handler is not used meanwhile: it runs a broadcast inside the signal handler, which
+    pairs with whatever collective the other processes are in (Lightning #20806).
 
     Resume with ``ckpt_path=<the printed path>`` or ``ckpt_path=last`` (the newest of the task's
     ``last.ckpt`` and ``interrupted.ckpt``). The run continues exactly: the DataModule resumes the epoch's
@@ -147,40 +155,69 @@ class InterruptCheckpoint(L.Callback):
             raise ValueError("callbacks.interrupt_checkpoint.filename must not be empty.")
         self.dirpath, self.filename = str(dirpath), filename
         self.saved_path: str | None = None
-        self._previous_sigint: Any = None
-        self._stop_requested = False
+        self._previous_handlers: dict[int, Any] = {}
+        self._launcher: Any = None
+        self._watching = False  # our handlers are in place (the same on every process: it gates a collective)
+        self._stop_requested = False  # this process was signalled
+        self._forwarded = False
 
     @property
     def ckpt_path(self) -> str:
         return os.path.join(self.dirpath, f"{self.filename}.ckpt")
 
-    # SIGINT ---------------------------------------------------------------------------------------
+    # Signals --------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After Lightning has installed its SIGTERM handler (trainer._run); only the main thread may.
-        if _main_thread() and self._previous_sigint is None:
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        # After Lightning has installed its handlers (trainer._run); only the main thread may.
+        if not _main_thread() or self._watching:
+            return
+        self._launcher = trainer.strategy.launcher
+        self._watching, self._stop_requested, self._forwarded = True, False, False
+        for signum, handler in ((signal.SIGTERM, self._on_sigterm), (signal.SIGINT, self._on_sigint)):
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._request_stop(signum)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        self._restore_sigint()
-        self._stop_requested = True
+        if _main_thread() and signal.SIGINT in self._previous_handlers:
+            signal.signal(signal.SIGINT, self._previous_handlers.pop(signal.SIGINT))
         _say("Ctrl+C: stopping after the current batch and saving a checkpoint (Ctrl+C again stops at once).")
-        # Lightning's SIGTERM handler sets trainer.received_sigterm (and forwards it to DDP workers).
-        os.kill(os.getpid(), signal.SIGTERM)
+        self._request_stop(signal.SIGTERM)
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and _main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
+    def _request_stop(self, signum: int) -> None:
+        # Nothing collective in a signal handler: it runs between any two bytecodes of the training step.
+        self._stop_requested = True
+        if not self._forwarded and self._launcher is not None:
+            self._forwarded = True
+            self._launcher.kill(signum)  # the processes this one started (Lightning's subprocess launcher)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._agree_to_stop(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._agree_to_stop(trainer)
+
+    def _agree_to_stop(self, trainer: L.Trainer) -> None:
+        if self._watching and trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
+            # Lightning raises SIGTERMException at its next check, which every process now reaches together.
+            trainer._signal_connector.received_sigterm = True
+
+    def _restore_handlers(self) -> None:
+        if _main_thread():
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+        self._previous_handlers, self._launcher, self._watching = {}, None, False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
 
     # Saving ---------------------------------------------------------------------------------------
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return
         if isinstance(exception, KeyboardInterrupt) and self._stop_requested:
