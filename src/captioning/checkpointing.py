@@ -159,7 +159,6 @@ class InterruptCheckpoint(L.Callback):
         self._launcher: Any = None
         self._watching = False  # our handlers are in place (the same on every process: it gates a collective)
         self._stop_requested = False  # this process was signalled
-        self._forwarded = False
 
     @property
     def ckpt_path(self) -> str:
@@ -171,12 +170,9 @@ class InterruptCheckpoint(L.Callback):
         if not _main_thread() or self._watching:
             return
         self._launcher = trainer.strategy.launcher
-        self._watching, self._stop_requested, self._forwarded = True, False, False
-        for signum, handler in ((signal.SIGTERM, self._on_sigterm), (signal.SIGINT, self._on_sigint)):
+        self._watching, self._stop_requested = True, False
+        for signum, handler in ((signal.SIGTERM, self._request_stop), (signal.SIGINT, self._on_sigint)):
             self._previous_handlers[signum] = signal.signal(signum, handler)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._request_stop(signum)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if _main_thread() and signal.SIGINT in self._previous_handlers:
@@ -184,12 +180,11 @@ class InterruptCheckpoint(L.Callback):
         _say("Ctrl+C: stopping after the current batch and saving a checkpoint (Ctrl+C again stops at once).")
         self._request_stop(signal.SIGTERM)
 
-    def _request_stop(self, signum: int) -> None:
+    def _request_stop(self, signum: int, frame: Any = None) -> None:
         # Nothing collective in a signal handler: it runs between any two bytecodes of the training step.
-        self._stop_requested = True
-        if not self._forwarded and self._launcher is not None:
-            self._forwarded = True
+        if not self._stop_requested and self._launcher is not None:
             self._launcher.kill(signum)  # the processes this one started (Lightning's subprocess launcher)
+        self._stop_requested = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self._agree_to_stop(trainer)
