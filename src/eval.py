@@ -49,12 +49,42 @@ LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_
 METRIC_ORDER = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
 
 
+def _command_line() -> list[Any]:
+    if not HydraConfig.initialized():
+        return []
+    return OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+
+
 def command_line_data_keys() -> set[str]:
     """The ``data.<key>`` names set on the command line (they win over the checkpoint's values)."""
-    if not HydraConfig.initialized():
-        return set()
-    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
-    return {o.key_or_group.split(".")[1] for o in overrides if o.key_or_group.startswith("data.")}
+    return {o.key_or_group.split(".")[1] for o in _command_line() if o.key_or_group.startswith("data.")}
+
+
+def command_line_data_group() -> str | None:
+    """The ``data=<option>`` given on the command line, if any."""
+    return next((str(o.value()) for o in _command_line() if o.key_or_group == "data"), None)
+
+
+def data_from_checkpoint(data: DictConfig, saved: Mapping[str, Any], explicit: set[str]) -> DictConfig:
+    """The DataModule config the checkpoint was trained with: its ``_target_`` and values, with this
+    config's loader settings (batch size, workers...) and the ``data.*`` given on the command line."""
+    target = saved["_target_"]
+    params = _parameters(target)
+    rebuilt = OmegaConf.create({"_target_": target})
+    for key in params:
+        if key in data and (key in LOADER_KEYS or key in explicit):
+            rebuilt[key] = data[key]
+    unknown = explicit - set(params)
+    if unknown:
+        raise ValueError(
+            f"data.{sorted(unknown)[0]} is not an argument of the checkpoint's DataModule {target}; its "
+            f"arguments are {', '.join(params)}."
+        )
+    return rebuilt
+
+
+def _parameters(target: str) -> list[str]:
+    return [p for p in inspect.signature(get_class(target).__init__).parameters if p != "self"]
 
 
 def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[str], group: str) -> list[str]:
@@ -64,8 +94,7 @@ def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[
     in ``explicit``. Returns the keys taken. Raises ValueError when the checkpoint's DataModule was
     another kind (the target needs arguments it never had), naming the group to pass instead.
     """
-    target = get_class(data._target_)
-    params = [p for p in inspect.signature(target.__init__).parameters if p != "self"]
+    params = _parameters(data._target_)
     wanted = [p for p in params if p not in LOADER_KEYS and p not in explicit]
     missing = [p for p in wanted if p not in saved]
     if missing:
@@ -87,7 +116,8 @@ def write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def print_table(fast: Mapping[str, float], official: Mapping[str, float] | None, title: str) -> None:
+def print_table(fast: Mapping[str, float], official: Mapping[str, float] | None, title: str,
+                grounding: Mapping[str, float] | None = None) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("fast (validation code)", justify="right")
@@ -96,6 +126,9 @@ def print_table(fast: Mapping[str, float], official: Mapping[str, float] | None,
         if name in fast or (official and name in official):
             cells = [f"{m[name]:.4f}" if m and name in m else "-" for m in (fast, official)]
             table.add_row(name, *cells)
+    # grounded in the image: computed by the validation code only
+    for name, value in (grounding or {}).items():
+        table.add_row(f"grounding/{name}", f"{value:.4f}", "-")
     Console().print(table)
 
 
@@ -109,7 +142,14 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
     module, data_hparams = load_checkpoint(ckpt_path)
     if cfg.data_from_checkpoint and data_hparams:
         group = HydraConfig.get().runtime.choices.get("data", "?") if HydraConfig.initialized() else "?"
-        merge_data_config(cfg.data, data_hparams, command_line_data_keys(), group)
+        explicit = command_line_data_keys()
+        target = data_hparams.get("_target_")
+        if target and target != cfg.data._target_ and command_line_data_group() is None:
+            # trained with another data group (data=coco): the checkpoint says which, data.* still win
+            with open_dict(cfg):
+                cfg.data = data_from_checkpoint(cfg.data, data_hparams, explicit)
+            group = f"{target.rpartition('.')[2]} (from the checkpoint)"
+        merge_data_config(cfg.data, data_hparams, explicit, group)
     elif cfg.data_from_checkpoint:
         log.warning("%s holds no DataModule hyperparameters; using the data config as given.", ckpt_path)
     print_config(cfg)
@@ -149,6 +189,8 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
     tic = time.perf_counter()
     fast = CaptionScorer(references)(predictions)
     seconds["fast_metrics"] = time.perf_counter() - tic
+    # against what each image shows, where the data knows it (scenes of the built-in set, COCO instances)
+    grounding = {k.removeprefix("grounding/"): v for k, v in module.grounding_scores(cfg.split, predictions).items()}
     differing = {k: (logged[k], v) for k, v in fast.items() if k in logged and abs(logged[k] - v) > 1e-5}
     if differing:
         log.warning("The module logged other metrics than its gathered captions score to (logged, rescored): "
@@ -165,6 +207,9 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
         "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
         "devices": trainer.world_size,
         "fast": fast,
+        # object precision / hallucination and attribute accuracy against the images (null: the data has no
+        # scenes or instance annotations for this split)
+        "grounding": grounding or None,
         # teacher-forced on each image's first reference; averaged over batches (under DDP with the
         # sampler's repeated images), so unlike the caption metrics it is not exact across device counts
         "loss": logged.get("loss"),
@@ -189,7 +234,7 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
     seconds["total"] = time.perf_counter() - start
     write_json(output_dir / "metrics.json", report)
 
-    print_table(fast, official, f"{cfg.split} split: {len(predictions)} images, {module.decoding!r}")
+    print_table(fast, official, f"{cfg.split} split: {len(predictions)} images, {module.decoding!r}", grounding)
     timing = ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items())
     Console().print(f"time: {timing}\nwritten: {output_dir / 'predictions.json'}, {output_dir / 'metrics.json'}")
     return official or fast

@@ -174,7 +174,7 @@ def test_workers_deliver_the_same_batches(coco_root):
 
 def test_images_are_normalised_rgb():
     # A mid-grey image normalises to (0.5 - mean) / std per channel.
-    from captioning.data.coco import IMAGENET_MEAN, IMAGENET_STD, image_transform
+    from captioning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, image_transform
     x = image_transform(8)(Image.new("RGB", (10, 6), (128, 128, 128)))
     assert x.shape == (3, 8, 8)
     expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)

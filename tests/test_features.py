@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from captioning.data import CocoCaptionsDataModule
-from captioning.data.coco import image_transform, load_image
+from captioning.data.images import load_image
+from captioning.data.transforms import image_transform
 from captioning.data.features import FeatureStore
 
 

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from captioning.grounding import ground_caption
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------------------
@@ -75,7 +77,7 @@ def read_run(path: Path) -> SimpleNamespace:
     if path.is_dir():
         (path,) = path.glob("run-*.wandb")
     run = SimpleNamespace(id=None, name=None, group=None, tags=[], config={}, history=[], summary={},
-                          exit_code=None, artifacts=[])
+                          exit_code=None, artifacts=[], local_paths=[])
     for record in _records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -92,6 +94,8 @@ def read_run(path: Path) -> SimpleNamespace:
             run.exit_code = record.exit.exit_code
         elif kind == "artifact":
             run.artifacts.append((record.artifact.type, [e.path for e in record.artifact.manifest.contents]))
+            # the files `wandb sync` will upload: W&B records where it staged them
+            run.local_paths += [e.local_path for e in record.artifact.manifest.contents if e.local_path]
     run.config.pop("_wandb", None)
     return run
 
@@ -105,11 +109,19 @@ def offline_runs(output_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def wandb_env(tmp_path: Path) -> dict[str, str]:
-    """Offline W&B whose caches and artifact staging stay in the test's folder, not in $HOME."""
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-            "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+def wandb_env(tmp_path: Path, as_users_have_it: bool = False) -> dict[str, str]:
+    """Offline W&B whose caches and artifact staging stay in the test's folder, not in $HOME.
+
+    ``as_users_have_it``: no W&B directories set at all (a user's environment), with $HOME in the test's
+    folder so that whatever W&B writes outside the run shows there.
+    """
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    if as_users_have_it:
+        for key in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+            env.pop(key, None)
+        return {**env, "HOME": str(tmp_path / "home")}
+    return {**env, "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
 
 
 def tiny(tmp_path: Path, *extra: str) -> list[str]:
@@ -121,9 +133,10 @@ def tiny(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def train(tmp_path: Path, overrides: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT, env=wandb_env(tmp_path),
-                          capture_output=True, text=True, timeout=600)
+def train(tmp_path: Path, overrides: list[str], check: bool = True,
+          as_users_have_it: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT,
+                          env=wandb_env(tmp_path, as_users_have_it), capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -140,7 +153,7 @@ def test_offline_run_holds_config_metrics_tables_and_summary(tmp_path):
     proc = train(tmp_path, tiny(tmp_path, "model=attention", "trainer.max_epochs=2", "trainer.log_every_n_steps=2",
                                 "data.num_train=32", "data.batch_size=32",
                                 "logger=default", "callbacks.wandb_samples.num_images=6",
-                                "callbacks.wandb_samples.attention_images=2"))
+                                "callbacks.wandb_samples.attention_images=2"), as_users_have_it=True)
     (output_dir,) = sorted((tmp_path / "outputs" / "train" / "runs").iterdir())
     (run_dir,) = offline_runs(output_dir)
     assert f"wandb sync {output_dir / 'wandb'}/offline-run-*" in proc.stdout + proc.stderr
@@ -163,6 +176,10 @@ def test_offline_run_holds_config_metrics_tables_and_summary(tmp_path):
         for key in ("val/loss", "val/bleu1", "val/bleu2", "val/bleu3", "val/bleu4", "val/cider"):
             assert row[key] == pytest.approx(epoch[key], rel=1e-6), key
     assert val_rows[1]["val/loss"] < val_rows[0]["val/loss"]
+    # and the grounded metrics (the built-in set knows every scene)
+    for row, epoch in zip(val_rows, report["epochs"], strict=True):
+        for key in ("val/grounding/precision", "val/grounding/color", "val/grounding/correct"):
+            assert row[key] == pytest.approx(epoch[key], rel=1e-6), key
 
     # training curves: loss, learning rate, gradient norm, throughput
     train_rows = [row for row in run.history if "train/grad_norm" in row]
@@ -177,24 +194,34 @@ def test_offline_run_holds_config_metrics_tables_and_summary(tmp_path):
     # the sample table: the same 6 validation images every epoch, scored per image
     references = {int(i): refs for i, refs in _val_references(tmp_path).items()}
     first_ids = list(references)[:6]
+    scenes = _val_scenes(tmp_path)
     tables = [row["val/samples"] for row in run.history if "val/samples" in row]
     assert len(tables) == 2 and all(t["_type"] == "table-file" and t["nrows"] == 6 for t in tables)
     from captioning.metrics import corpus_bleu
 
     for epoch, table in enumerate(tables):
         content = json.loads((run_dir / "files" / table["path"]).read_text())
-        assert content["columns"] == ["epoch", "image_id", "image", "caption", "references", "bleu4", "attention"]
+        assert content["columns"] == ["epoch", "image_id", "image", "caption", "references", "bleu4", "true",
+                                      "grounding", "attention"]
         rows = [dict(zip(content["columns"], r, strict=True)) for r in content["data"]]
         assert [r["image_id"] for r in rows] == first_ids and {r["epoch"] for r in rows} == {epoch}
         for r in rows:
             assert r["references"].split("\n") == references[r["image_id"]]
             assert r["bleu4"] == pytest.approx(corpus_bleu([r["caption"]], [references[r["image_id"]]])[3])
             assert r["image"] == "Image"  # the pictures travel in the table's artifact
+            # right or wrong against the scene the generator drew
+            verdict = ground_caption(r["caption"], scenes[r["image_id"]])
+            assert r["true"] is verdict.correct and r["grounding"] == verdict.summary()
     by_epoch = next(row["val/samples_by_epoch"] for row in run.history if "val/samples_by_epoch" in row)
     assert by_epoch["nrows"] == 12
     # the table artifacts carry the 6 thumbnails and 2 attention overlays of each epoch
     tables_with_images = [paths for kind, paths in run.artifacts if kind == "run_table"]
     assert len(tables_with_images) == 3 and all(len(p) >= 6 for p in tables_with_images)
+    # self-contained: every file the run will upload lies inside the run's folder, none in $HOME
+    assert run.local_paths and all(Path(p).is_relative_to(output_dir) for p in run.local_paths), run.local_paths
+    assert all(Path(p).is_file() for p in run.local_paths)
+    home = tmp_path / "home"
+    assert not home.exists() or not any("wandb" in str(p) for p in home.rglob("*")), list(home.rglob("*"))[:5]
 
     # attention overlays: one image per word grid, for the first 2 images, every epoch
     for image_id in first_ids[:2]:
@@ -215,6 +242,12 @@ def test_offline_run_holds_config_metrics_tables_and_summary(tmp_path):
     assert run.summary["blind_baseline/bleu4"] == pytest.approx(report["blind_baseline"]["bleu4"])
     assert run.summary["distinct_val_captions"] == report["distinct_val_captions"]
     assert "test/bleu4" in run.summary
+
+
+def _val_scenes(tmp_path: Path) -> dict:
+    annotations = json.loads((tmp_path / "data" / "shapes" / "annotations" / "captions_val2017.json").read_text())
+    return {image["id"]: {**image["scene"], "width": image["width"], "height": image["height"]}
+            for image in annotations["images"]}
 
 
 def _val_references(tmp_path: Path) -> dict:

@@ -29,8 +29,15 @@ from .visualize import attention_overlay
 __all__ = ["RunReport", "best_constant_caption", "Throughput", "WandbSummary", "WandbCaptionSamples"]
 
 
+# Metrics where less is better: losses and hallucination rates.
+_LOWER_IS_BETTER = ("loss", "chair_i", "chair_s")
+# The grounded metrics the report prints, in this order (those the data has).
+GROUNDING_ROWS = ("precision", "recall", "chair_s", "color", "shape", "size", "count", "position",
+                  "single_exact", "correct", "exact", "chair_i", "mentions")
+
+
 def _higher_is_better(name: str) -> bool:
-    return not name.endswith("loss")
+    return not name.endswith(_LOWER_IS_BETTER)
 
 
 def best_constant_caption(
@@ -105,10 +112,18 @@ class RunReport(L.Callback):
             train_captions = [c for refs in datamodule.references("train").values() for c in refs]
             caption, scores = best_constant_caption(
                 train_captions, scorer, sorted(predictions), self.baseline_candidates)
+            # the blind caption checked against the images too: what naming the commonest things scores
+            scores.update(pl_module.grounding_scores("val", {i: caption for i in predictions}))
             self.report["blind_baseline"] = {"caption": caption, **scores}
             self.report["distinct_val_captions"] = len(set(predictions.values()))
             self.report["val_images"] = len(predictions)
-            self._print(datamodule.references("val"), predictions)
+            grounding = getattr(pl_module, "grounding", {}).get("val")
+            verdicts = {}
+            if grounding is not None:
+                ids = grounding.image_ids
+                details = grounding.details({i: c for i, c in predictions.items() if i in ids})
+                verdicts = {i: d.summary() for i, d in details.items()}
+            self._print(datamodule.references("val"), predictions, verdicts)
         self.write()
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -122,27 +137,33 @@ class RunReport(L.Callback):
         tmp.write_text(json.dumps(self.report, indent=2))
         tmp.replace(self.path)
 
-    def _print(self, references: dict[int, list[str]], predictions: dict[int, str]) -> None:
+    def _print(self, references: dict[int, list[str]], predictions: dict[int, str],
+               verdicts: dict[int, str]) -> None:
         console = Console()
         final, best, blind = self.report["final"], self.report["best"], self.report["blind_baseline"]
         table = Table(title="Validation: model vs blind baseline (best constant caption)")
         for column in ("metric", "final", "best", "blind baseline"):
             table.add_column(column, justify="right" if column != "metric" else "left")
-        for name in ("bleu1", "bleu2", "bleu3", "bleu4", "cider"):
+        names = ["bleu1", "bleu2", "bleu3", "bleu4", "cider", *(f"grounding/{g}" for g in GROUNDING_ROWS)]
+        for name in names:
             key = f"val/{name}"
             if key in final:
-                table.add_row(name, f"{final[key]:.4f}", f"{best[key]:.4f}", f"{blind[name]:.4f}")
+                cells = [f"{m[k]:.4f}" if k in m else "-" for m, k in ((final, key), (best, key), (blind, name))]
+                table.add_row(name, *cells)
         console.print(table)
         console.print(f"blind baseline caption: [italic]{blind['caption']}[/italic]")
         console.print(
             f"distinct captions: {self.report['distinct_val_captions']} for {self.report['val_images']} "
             "validation images")
-        samples = Table(title="Sample validation captions")
+        samples = Table(title="Sample validation captions (final model)")
         samples.add_column("image id", justify="right")
         samples.add_column("model")
+        if verdicts:
+            samples.add_column("against the image")
         samples.add_column("a reference")
         for image_id in sorted(predictions)[: self.num_samples]:
-            samples.add_row(str(image_id), predictions[image_id], references[image_id][0])
+            verdict = [verdicts.get(image_id, "-")] if verdicts else []
+            samples.add_row(str(image_id), predictions[image_id], *verdict, references[image_id][0])
         console.print(samples)
         console.print(f"metrics written to {self.path}")
 
@@ -278,7 +299,10 @@ class WandbCaptionSamples(L.Callback):
     The images are the first ``num_images`` of the validation split (annotation-file order), fixed for the
     whole run, so one image's caption can be followed from epoch to epoch. Columns: ``epoch``,
     ``image_id``, ``image``, ``caption`` (the generated caption the metrics scored), ``references`` and
-    ``bleu4`` (the image's sentence BLEU-4 against its references, COCO's formula); for the attention
+    ``bleu4`` (the image's sentence BLEU-4 against its references, COCO's formula); where the data knows
+    what each image shows (the built-in set's scenes, COCO instance annotations), ``true`` (the caption
+    names something and states nothing false) and ``grounding`` (the verdict: "true", or the false claims,
+    see :mod:`captioning.grounding`); for the attention
     model also ``attention``: the image and, for every generated word, where the decoder looked
     (:func:`captioning.visualize.attention_overlay`), also logged as ``<key>_attention/<image_id>``.
 
@@ -372,17 +396,29 @@ class WandbCaptionSamples(L.Callback):
         decoded = self._decode(trainer, pl_module, self._samples)
         predictions = getattr(pl_module, "predictions", {}).get("val", {})
         with_attention = decoded.attn_weights is not None and self.attention_images > 0
+        captions = {s["image_id"]: predictions.get(s["image_id"], pl_module.caption_text(decoded.captions[k]))
+                    for k, s in enumerate(self._samples)}
+        grounding = getattr(pl_module, "grounding", {}).get("val")
+        verdicts = {}
+        if grounding is not None:
+            ids = grounding.image_ids
+            verdicts = grounding.details({i: c for i, c in captions.items() if i in ids})
         columns = ["epoch", "image_id", "image", "caption", "references", "bleu4"]
+        if verdicts:
+            columns += ["true", "grounding"]
         if with_attention:
             columns.append("attention")
         table = wandb.Table(columns=columns)
         metrics: dict[str, Any] = {self.key: table}
         for k, sample in enumerate(self._samples):
             image_id = sample["image_id"]
-            caption = predictions.get(image_id, pl_module.caption_text(decoded.captions[k]))
+            caption = captions[image_id]
             bleu4 = corpus_bleu([caption], [sample["references"]])[3]
             row = [trainer.current_epoch, image_id, wandb.Image(sample["thumbnail"]), caption,
                    "\n".join(sample["references"]), bleu4]
+            if verdicts:
+                verdict = verdicts.get(image_id)
+                row += [verdict.correct, verdict.summary()] if verdict is not None else [None, "-"]
             if with_attention:
                 overlay = None
                 if k < self.attention_images:

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from .checkpointing import check_format, read_checkpoint, stamp
+from .chair import CocoChair
+from .grounding import GroundingScorer
 from .metrics import CaptionScorer, DecodedCaptions
 from .models import CaptioningRNN
 from .models.decoding import CaptionDecoder, Decoded
@@ -25,8 +27,8 @@ NONFINITE_POLICIES = ("fail", "skip")
 # The config keys that shape the weights: a resume must match the checkpoint in these (dropout, freezing,
 # the loss normalisation... may change).
 ARCHITECTURE_KEYS = {
-    "decoder": ("_target_", "cell_type", "wordvec_dim", "hidden_dim"),
-    "encoder": ("_target_", "name", "out_dim", "channels", "batch_norm", "coordinates"),
+    "decoder": ("_target_", "cell_type", "wordvec_dim", "hidden_dim", "feature_pool", "feature_grid", "image_input"),
+    "encoder": ("_target_", "name", "out_dim", "channels", "batch_norm", "coordinates", "depth"),
 }
 
 
@@ -104,6 +106,9 @@ class CaptioningModule(L.LightningModule):
         self.decoder: CaptioningRNN | None = None
         self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
         self.scorers: dict[str, CaptionScorer] = {}
+        # where the data knows what each image shows (the built-in set's scenes, COCO's instance annotations):
+        # captions checked against it
+        self.grounding: dict[str, GroundingScorer | CocoChair] = {}
         self.predictions: dict[str, dict[int, str]] = {}
         if vocab is not None:
             self._build_decoder(list(vocab))
@@ -147,12 +152,21 @@ class CaptioningModule(L.LightningModule):
                 "vocabulary it was trained with: use the data set (and data.min_word_count / data.max_length) "
                 "it was trained on."
             )
-        for split, name in (("val", "validate"), ("test", "test")):
-            if stage in ("fit", name) and split not in self.scorers:
+        # the test split only when testing: COCO 2017 (and the official 2014 layout) has none to fit with
+        for split, stages in (("val", ("fit", "validate")), ("test", ("test",))):
+            if stage in stages and split not in self.scorers:
                 self.scorers[split] = CaptionScorer(datamodule.references(split))
+                grounding = grounding_scorer(datamodule, split)
+                if grounding is not None:
+                    self.grounding[split] = grounding
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:
+            # which DataModule the saved datamodule_hyper_parameters belong to: eval.py and caption.py rebuild
+            # the data from the checkpoint alone (data=coco runs need no data=coco to be evaluated)
+            checkpoint["datamodule_target"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_format(checkpoint)
@@ -261,9 +275,21 @@ class CaptioningModule(L.LightningModule):
         self.predictions[stage] = predictions
         if not predictions or self.trainer.sanity_checking:
             return
-        for name, value in self.scorers[stage](predictions).items():
+        scores = self.scorers[stage](predictions)
+        scores.update(self.grounding_scores(stage, predictions))
+        for name, value in scores.items():
             # Equal on every rank already (computed from the gathered captions): syncing averages equal numbers.
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"), sync_dist=True)
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider", "grounding/precision"),
+                     sync_dist=True)
+
+    def grounding_scores(self, stage: str, predictions: Mapping[int, str]) -> dict[str, float]:
+        """``grounding/<metric>`` of the captions of the images whose truth the data knows; {} if none."""
+        scorer = self.grounding.get(stage)
+        if scorer is None:
+            return {}
+        ids = scorer.image_ids
+        known = {i: c for i, c in predictions.items() if i in ids}
+        return {f"grounding/{k}": v for k, v in scorer(known).items()} if known else {}
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -327,13 +353,23 @@ def _running_stats(module: nn.Module) -> list[Tensor]:
             for stat in (m.running_mean, m.running_var, m.num_batches_tracked) if stat is not None]
 
 
+def grounding_scorer(datamodule: Any, split: str) -> GroundingScorer | CocoChair | None:
+    """The grounded metric the data allows: the built-in set's scenes, else COCO instance annotations."""
+    scenes = datamodule.scenes(split) if hasattr(datamodule, "scenes") else {}
+    if scenes:
+        return GroundingScorer(scenes)
+    objects = datamodule.object_categories(split) if hasattr(datamodule, "object_categories") else {}
+    return CocoChair(objects) if objects else None
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[CaptioningModule, dict[str, Any]]:
-    """A trained module and the hyperparameters of the DataModule it was trained with ({} when not saved).
+    """A trained module and the config of the DataModule it was trained with ({} when not saved).
 
     The checkpoint alone rebuilds the model (encoder and decoder config, vocabulary); the DataModule's
-    hyperparameters (``image_size``, the data set's root...) tell eval.py and caption.py how it saw images.
+    hyperparameters (``image_size``, the data set's root...) tell eval.py and caption.py how it saw images,
+    and ``_target_`` (when the checkpoint records it) which DataModule they belong to.
     Raises FileNotFoundError / ValueError naming the file when it is missing or not a trained
     ``CaptioningModule`` checkpoint, rather than a deep traceback from ``torch.load`` or Lightning.
     """
@@ -346,4 +382,7 @@ def load_checkpoint(
             f"The weights in {path} do not fit the model its saved config builds: {error}\nThe model code "
             "changed since this checkpoint was trained; evaluate it with the version that trained it, or retrain."
         ) from error
-    return module, dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    if data and checkpoint.get("datamodule_target"):
+        data["_target_"] = checkpoint["datamodule_target"]
+    return module, data

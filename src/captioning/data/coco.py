@@ -47,6 +47,7 @@ from captioning.data.features import (
 from captioning.data.images import ON_BAD_IMAGE, BadImage, BadImageError, BadImageLog, load_image
 from captioning.data.karpathy import karpathy_split_names, read_karpathy
 from captioning.data.sampling import ResumableSampler, TrainingPosition, training_position
+from captioning.data.transforms import ImagePipeline, image_transform
 from captioning.data.vocab import Vocabulary, pad_captions
 
 __all__ = [
@@ -60,8 +61,6 @@ __all__ = [
     "load_image",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_SOURCES = ("official", "karpathy")
 _INT64_MAX = 2**63 - 1
 # Encoder config keys that say where weights come from, not what they are (the weights are hashed anyway).
@@ -83,6 +82,9 @@ class CaptionSplit:
     image_paths: np.ndarray  # (I,) str
     references: list[list[str]]  # I lists, each the image's captions in annotation order
     dropped_captions: int = 0
+    # what each image shows, where the annotation file says (the built-in set's ``scene`` records, with the
+    # image's width and height): the truth the grounded metrics check captions against; else None
+    scenes: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -125,13 +127,16 @@ def check_root(root: Path, hint: str) -> None:
 
 
 def clean_split(annotation_file: Path, label: str, image_ids: Sequence[int], image_paths: Sequence[str],
-                references: Sequence[Sequence[str]]) -> CaptionSplit:
+                references: Sequence[Sequence[str]],
+                scenes: Sequence[dict[str, Any] | None] | None = None) -> CaptionSplit:
     """Drop captions without a single word (empty or punctuation only), then images left without any.
 
-    Warns with the counts; raises ValueError naming the file when no image is left.
+    Warns with the counts; raises ValueError naming the file when no image is left. ``scenes`` (one per
+    image, or None) are kept only when every image has one.
     """
-    ids, paths, refs, dropped, emptied = [], [], [], 0, []
-    for image_id, path, captions in zip(image_ids, image_paths, references, strict=True):
+    ids, paths, refs, kept_scenes, dropped, emptied = [], [], [], [], 0, []
+    all_scenes = scenes if scenes is not None else [None] * len(image_ids)
+    for image_id, path, captions, scene in zip(image_ids, image_paths, references, all_scenes, strict=True):
         usable = [c.strip() for c in captions if Vocabulary.tokenize(c)]
         dropped += len(captions) - len(usable)
         if not usable:
@@ -141,6 +146,7 @@ def clean_split(annotation_file: Path, label: str, image_ids: Sequence[int], ima
         ids.append(int(image_id))
         paths.append(str(path))
         refs.append(usable)
+        kept_scenes.append(scene)
     if dropped:
         warnings.warn(
             f"{annotation_file} ({label}): dropped {dropped} empty or punctuation-only captions"
@@ -154,8 +160,9 @@ def clean_split(annotation_file: Path, label: str, image_ids: Sequence[int], ima
             f"{len(image_ids)} images). Check that data.*_split names the split you meant, and that the "
             "file's annotations refer to its images and hold words."
         )
+    has_scenes = bool(kept_scenes) and all(scene is not None for scene in kept_scenes)
     return CaptionSplit(annotation_file, np.asarray(ids, dtype=np.int64), np.asarray(paths, dtype=str), refs,
-                        dropped)
+                        dropped, kept_scenes if has_scenes else None)
 
 
 def load_caption_split(root: str | os.PathLike, split: str, year: str) -> CaptionSplit:
@@ -217,7 +224,66 @@ def load_caption_split(root: str | os.PathLike, split: str, year: str) -> Captio
         [img["id"] for img in captioned],
         [str(folder / img["file_name"]) for img in captioned],
         [[a["caption"] for a in coco.imgToAnns[img["id"]]] for img in captioned],
+        [_scene(img) for img in captioned],
     )
+
+
+def _scene(image: dict[str, Any]) -> dict[str, Any] | None:
+    """An image record's ``scene`` (what it shows: the built-in set writes one), with the image's size."""
+    scene = image.get("scene")
+    if not isinstance(scene, dict) or not isinstance(scene.get("objects"), list):
+        return None
+    return {**scene, "width": image.get("width"), "height": image.get("height")}
+
+
+def instances_path(root: str | os.PathLike, folder: str) -> Path:
+    """The instance annotations of an image folder: ``<root>/annotations/instances_<folder>.json``."""
+    return Path(root) / "annotations" / f"instances_{folder}.json"
+
+
+def load_instance_categories(path: Path, image_ids: Sequence[int] | None = None) -> dict[int, set[str]]:
+    """image_id -> the category names of its instance annotations, from a COCO ``instances_*.json``.
+
+    Every image the file lists is included (one without annotations has an empty set: nothing is in it);
+    with ``image_ids`` only those. Raises ValueError naming the file when it is not an instances file.
+    """
+    from pycocotools.coco import COCO
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(
+            f"Instance annotation file {path} is not a COCO instances file: {problem}. It needs 'images' (each "
+            "with 'id'), 'annotations' (each with 'image_id' and 'category_id') and 'categories' (each with 'id' "
+            "and 'name'), as in the official instances_<split><year>.json; re-download it, or move it out of "
+            "annotations/ to evaluate without the CHAIR hallucination metrics."
+        )
+
+    try:
+        with path.open("rb") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise bad(f"it is not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise bad(f"the top level is a JSON {type(data).__name__}, not an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise bad(f"the key '{key}' is missing or not a list")
+    if not all(isinstance(c, dict) and _is_id(c.get("id")) and isinstance(c.get("name"), str)
+               for c in data["categories"]):
+        raise bad("a category lacks an integer 'id' or a string 'name'")
+    if not all(isinstance(i, dict) and _is_id(i.get("id")) for i in data["images"]):
+        raise bad("an image lacks an integer 'id'")
+    if not all(isinstance(a, dict) and _is_id(a.get("image_id")) and _is_id(a.get("category_id")) and "id" in a
+               for a in data["annotations"]):
+        raise bad("an annotation lacks an 'id', or an integer 'image_id' or 'category_id'")
+    coco = COCO()
+    coco.dataset = {key: data[key] for key in ("images", "annotations", "categories")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    unknown = {a["category_id"] for a in data["annotations"]} - set(coco.cats)
+    if unknown:
+        raise bad(f"annotations use category ids not in 'categories', e.g. {sorted(unknown)[:5]}")
+    wanted = set(coco.imgs) if image_ids is None else set(map(int, image_ids)) & set(coco.imgs)
+    return {int(i): {coco.cats[a["category_id"]]["name"] for a in coco.imgToAnns.get(i, [])} for i in sorted(wanted)}
 
 
 def missing_images(paths: Sequence[str] | np.ndarray) -> list[str]:
@@ -237,25 +303,6 @@ def missing_images(paths: Sequence[str] | np.ndarray) -> list[str]:
     return missing
 
 
-def image_transform(image_size: int, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB -> FloatTensor (3, S, S), ImageNet-normalised.
-
-    The only augmentation is a mild random-resized crop: flips would swap the 'left' and 'right' the
-    captions speak of, and colour jitter would change the colours they name.
-    """
-    resize = (
-        v2.RandomResizedCrop((image_size, image_size), scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True)
-        if augment
-        else v2.Resize((image_size, image_size), antialias=True)
-    )
-    return v2.Compose([
-        v2.ToImage(),
-        resize,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
 # ---------------------------------------------------------------------------------------------- sources
 class ImageSource:
     """Image ``i`` of a split -> ``{"image": (3, S, S)}``, or a :class:`BadImage` when it cannot be read.
@@ -263,10 +310,10 @@ class ImageSource:
     ``on_bad_image="fail"`` raises instead (FileNotFoundError or a ValueError naming the file).
     """
 
-    def __init__(self, paths: np.ndarray, transform: Callable[[Image.Image], torch.Tensor], log: BadImageLog,
-                 on_bad_image: str = "skip", max_pixels: int | None = None) -> None:
-        self.paths, self.transform, self.log = paths, transform, log
-        self.on_bad_image, self.max_pixels = on_bad_image, max_pixels
+    def __init__(self, paths: np.ndarray, pipeline: ImagePipeline, log: BadImageLog,
+                 on_bad_image: str = "skip") -> None:
+        self.paths, self.pipeline, self.log = paths, pipeline, log
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -276,7 +323,7 @@ class ImageSource:
         if self.log.is_bad(index) and self.on_bad_image == "skip":
             return BadImage(path, "unreadable (see the earlier warning)")
         try:
-            image = load_image(path, self.max_pixels)
+            image = self.pipeline.load(path)
         except (FileNotFoundError, BadImageError) as err:
             if self.on_bad_image == "fail":
                 raise type(err)(
@@ -284,7 +331,7 @@ class ImageSource:
                     "to skip unreadable images with a warning and train on."
                 ) from err
             return self.log.record(index, str(err))
-        return {"image": self.transform(image)}
+        return {"image": self.pipeline(image)}
 
 
 class TransformedImages(Dataset):
@@ -744,8 +791,11 @@ class CocoCaptionsDataModule(L.LightningDataModule):
 
     def _image_source(self, role: str, split: CaptionSplit, augment: bool = False) -> ImageSource:
         log = self.bad_image_logs.setdefault(role, BadImageLog(split.image_paths, role))
-        return ImageSource(split.image_paths, image_transform(self.image_size, augment), log,
-                           self.on_bad_image, self.max_image_pixels)
+        return ImageSource(split.image_paths, self.image_pipeline(augment), log, self.on_bad_image)
+
+    def image_pipeline(self, augment: bool = False) -> ImagePipeline:
+        """How this DataModule reads an image file (caption.py and the demo read theirs the same way)."""
+        return ImagePipeline(self.image_size, augment, self.max_image_pixels)
 
     def _build_features(self, role: str) -> FeatureStore:
         directory = self.feature_directory(role)
@@ -809,6 +859,29 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         """image_id -> raw reference captions of ``split`` ('train', 'val', 'test' or a split name)."""
         data = self._load_split(split)
         return {int(i): list(refs) for i, refs in zip(data.image_ids, data.references, strict=True)}
+
+    def object_categories(self, split: str) -> dict[int, set[str]]:
+        """image_id -> the COCO object categories its instance annotations hold, for the images of ``split``
+        whose folder has an ``annotations/instances_<folder>.json`` (``instances_val2017.json`` for
+        ``val2017/``; Karpathy's splits draw on the 2014 folders); {} when there is none."""
+        data = self._load_split(split)
+        by_folder: dict[str, list[int]] = defaultdict(list)
+        for image_id, path in zip(data.image_ids.tolist(), data.image_paths.tolist(), strict=True):
+            by_folder[Path(path).parent.name].append(image_id)
+        categories: dict[int, set[str]] = {}
+        for folder, ids in by_folder.items():
+            path = instances_path(self.root, folder)
+            if path.is_file():
+                categories.update(load_instance_categories(path, ids))
+        return categories
+
+    def scenes(self, split: str) -> dict[int, dict[str, Any]]:
+        """image_id -> what the image shows (objects with shape, colour, size, centre; width, height), for
+        annotation files that record it (the built-in set); {} otherwise."""
+        data = self._load_split(split)
+        if data.scenes is None:
+            return {}
+        return {int(i): scene for i, scene in zip(data.image_ids, data.scenes, strict=True)}
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, role: str, sampler: Any = None, generator: torch.Generator | None = None) -> DataLoader:
