@@ -14,31 +14,39 @@ from .rnn import LSTM, RNN, AttentionLSTM
 __all__ = ["CaptioningRNN", "DecoderState", "CELL_TYPES"]
 
 CELL_TYPES = ("rnn", "lstm", "attention")
+FEATURE_POOLS = ("mean", "max", "flatten")
 
 
 @dataclass
 class DecoderState:
     """Recurrent state while decoding; every tensor is batch-first so decoders can reorder rows.
 
-    h, c: (N, H) (c is None for the vanilla RNN); A: (N, H, Dh, Dw) projected feature map (attention only).
+    h, c: (N, H) (c is None for the vanilla RNN); A: (N, H, Dh, Dw) projected feature map (attention only);
+    image: (N, W) the image vector fed beside every word (``image_input`` only).
     """
 
     h: Tensor
     c: Tensor | None = None
     A: Tensor | None = None
+    image: Tensor | None = None
 
     def index_select(self, index: Tensor) -> DecoderState:
         """Rows picked (and possibly repeated) by index (M,) -> a state of batch M."""
-        return DecoderState(*(None if t is None else t.index_select(0, index) for t in (self.h, self.c, self.A)))
+        return DecoderState(*(None if t is None else t.index_select(0, index)
+                              for t in (self.h, self.c, self.A, self.image)))
 
 
 class CaptioningRNN(nn.Module):
     """Show-and-Tell / Show-Attend-Tell decoder of the CS231n and EECS 498 courses.
 
-    Image features (N, D) or a feature map (N, D, h, w) are projected to the initial hidden state h0
-    (N, H) — or, for ``cell_type="attention"``, by a 1x1 projection to A (N, H, h, w) — and the words of
-    the caption, embedded to (N, T, W), run through the hand-written core to hidden states (N, T, H), then
-    to vocabulary scores (N, T, V).
+    Image features (N, D) or a feature map (N, D, h, w) are pooled to a vector v (N, P) and projected to the
+    initial hidden state h0 = v W_proj (N, H) — or, for ``cell_type="attention"``, by a 1x1 projection to
+    A (N, H, h, w) — and the words of the caption, embedded to (N, T, W), run through the hand-written core
+    to hidden states (N, T, H), then to vocabulary scores (N, T, V).
+
+    With ``image_input`` the core also gets v W_img (N, W) beside every word, x_t = [embed(w_t); v W_img]
+    (N, 2W): the image is not only h0. A decoder whose only view of the image is h0 learns the captions'
+    language but not what is in the picture (on the built-in set it names colours at chance level).
 
     Args:
         vocab_size: V, the number of words including the special tokens.
@@ -51,6 +59,11 @@ class CaptioningRNN(nn.Module):
         loss_normalize: ``"batch"`` (sum over tokens / N, the courses' convention) or ``"tokens"``.
         backward: how the recurrent core is differentiated, ``"autograd"`` or ``"manual"`` (hand-written
             BPTT, ``captioning.models.bptt``); the same numbers either way.
+        feature_pool: how a map becomes v for rnn / lstm: ``"mean"`` (the courses'), ``"max"`` (the largest
+            response of each channel anywhere) or ``"flatten"`` (average-pooled to ``feature_grid`` x
+            ``feature_grid`` positions, concatenated: P = D * feature_grid**2).
+        feature_grid: the side of the grid for ``feature_pool="flatten"``.
+        image_input: feed v (projected to W) beside every word.
 
     The training loss never materialises the (N, T, V) scores: the vocabulary projection and the loss are
     fused (``linear_temporal_softmax_loss``) and only the non-``<NULL>`` positions are projected.
@@ -69,6 +82,9 @@ class CaptioningRNN(nn.Module):
         end_id: int = 2,
         loss_normalize: str = "batch",
         backward: str = "autograd",
+        feature_pool: str = "mean",
+        feature_grid: int = 4,
+        image_input: bool = False,
     ) -> None:
         super().__init__()
         if cell_type not in CELL_TYPES:
@@ -81,18 +97,26 @@ class CaptioningRNN(nn.Module):
                 raise ValueError(f"CaptioningRNN: {name} must be a positive integer, got {value!r}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"CaptioningRNN: dropout must be in [0, 1), got {dropout!r} (model.dropout).")
+        if feature_pool not in FEATURE_POOLS:
+            raise ValueError(f"Unknown feature_pool {feature_pool!r}; choose one of {', '.join(FEATURE_POOLS)} "
+                             "(model.feature_pool).")
+        if not isinstance(feature_grid, int) or feature_grid < 1:
+            raise ValueError(f"CaptioningRNN: feature_grid must be a positive integer, got {feature_grid!r}.")
         self.vocab_size, self.input_dim = vocab_size, input_dim
         self.wordvec_dim, self.hidden_dim, self.cell_type = wordvec_dim, hidden_dim, cell_type
         self.null_id, self.start_id, self.end_id = null_id, start_id, end_id
         self.loss_normalize = loss_normalize
 
+        self.feature_pool, self.feature_grid, self.image_input = feature_pool, feature_grid, image_input
+        pooled_dim = input_dim * (feature_grid**2 if feature_pool == "flatten" else 1)
         if cell_type == "attention":
             self.feature_proj: nn.Module = nn.Conv2d(input_dim, hidden_dim, kernel_size=1)
         else:
-            self.feature_proj = nn.Linear(input_dim, hidden_dim)
+            self.feature_proj = nn.Linear(pooled_dim, hidden_dim)
+        self.image_proj = nn.Linear(pooled_dim, wordvec_dim) if image_input else None
         self.embed = nn.Embedding(vocab_size, wordvec_dim)
         core = {"rnn": RNN, "lstm": LSTM, "attention": AttentionLSTM}[cell_type]
-        self.core = core(wordvec_dim, hidden_dim, backward=backward)
+        self.core = core(wordvec_dim * (2 if image_input else 1), hidden_dim, backward=backward)
         self.dropout = nn.Dropout(dropout)
         self.vocab_proj = nn.Linear(hidden_dim, vocab_size)
 
@@ -109,15 +133,33 @@ class CaptioningRNN(nn.Module):
             A = self.feature_proj(features)
             h0 = A.mean(dim=(2, 3))
             return DecoderState(h=h0, c=h0, A=A)
-        if features.dim() == 4:
-            features = features.mean(dim=(2, 3))
-        h0 = self.feature_proj(features)
-        return DecoderState(h=h0, c=torch.zeros_like(h0) if self.cell_type == "lstm" else None)
+        pooled = self.pool(features)
+        h0 = self.feature_proj(pooled)
+        image = self.image_proj(pooled) if self.image_proj is not None else None
+        return DecoderState(h=h0, c=torch.zeros_like(h0) if self.cell_type == "lstm" else None, image=image)
+
+    def pool(self, features: Tensor) -> Tensor:
+        """features (N, D) or a map (N, D, h, w) -> the image vector (N, P) that h0 is projected from."""
+        if features.dim() == 2:
+            return features
+        if self.feature_pool == "flatten":
+            return nn.functional.adaptive_avg_pool2d(features, self.feature_grid).flatten(1)
+        if self.feature_pool == "max":
+            return features.amax(dim=(2, 3))
+        return features.mean(dim=(2, 3))
+
+    def _inputs(self, words: Tensor, state: DecoderState) -> Tensor:
+        """The core's input for words (N,) or (N, T): the embedding, and with image_input the image vector."""
+        x = self.embed(words)
+        if state.image is None:
+            return x
+        image = state.image if words.dim() == 1 else state.image.unsqueeze(1).expand(-1, words.shape[1], -1)
+        return torch.cat([x, image], dim=-1)
 
     def hidden_states(self, features: Tensor, captions_in: Tensor) -> Tensor:
         """Teacher-forced hidden states: features, captions_in (N, T) -> h (N, T, H)."""
         state = self.init_state(features)
-        x = self.dropout(self.embed(captions_in))
+        x = self.dropout(self._inputs(captions_in, state))
         if self.cell_type == "attention":
             return self.core(x, state.A)
         return self.core(x, state.h)
@@ -145,16 +187,16 @@ class CaptioningRNN(nn.Module):
 
         The scores of ``<NULL>`` and ``<START>`` are -inf: a decoder never emits them.
         """
-        x = self.embed(words)
+        x = self._inputs(words, state)
         weights = None
         if self.cell_type == "rnn":
-            state = DecoderState(h=self.core.step(x, state.h))
+            state = DecoderState(h=self.core.step(x, state.h), image=state.image)
         elif self.cell_type == "lstm":
             h, c = self.core.step(x, state.h, state.c)
-            state = DecoderState(h=h, c=c)
+            state = DecoderState(h=h, c=c, image=state.image)
         else:
             h, c, weights = self.core.step(x, state.h, state.c, state.A)
-            state = DecoderState(h=h, c=c, A=state.A)
+            state = DecoderState(h=h, c=c, A=state.A, image=state.image)
         scores = self.vocab_proj(state.h)
         scores[:, [self.null_id, self.start_id]] = float("-inf")
         return scores, state, weights

@@ -100,7 +100,8 @@ def beam_search(
         rows = (beam + images.unsqueeze(1) * K).view(-1)
         # Beams only move within their image's block of rows, so the projected map A stays as it is.
         state = DecoderState(state.h.index_select(0, rows),
-                             None if state.c is None else state.c.index_select(0, rows), state.A)
+                             None if state.c is None else state.c.index_select(0, rows), state.A,
+                             None if state.image is None else state.image.index_select(0, rows))
         captions = captions.gather(1, beam.unsqueeze(-1).expand(N, K, max_length)).clone()
         captions[:, :, t] = words2d
         if weights is not None:

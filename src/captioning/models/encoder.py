@@ -1,11 +1,12 @@
 """Image encoders: images (N, 3, S, S) -> feature map (N, D, h, w).
 
 Every encoder returns a spatial map, never a pooled vector: the attention decoder attends over the h*w
-positions and the vanilla decoders mean-pool the map themselves. Each encoder exposes
+positions and the vanilla decoders pool the map themselves. Images arrive normalised with ImageNet's mean
+and std (``captioning.data.transforms``): what torchvision's pretrained weights expect, and what the small
+CNN trained from scratch learns on as well. Each encoder exposes
 
 - ``out_dim``: D, the number of channels of the map;
 - ``frozen``: True when its parameters are fixed (no gradients, BatchNorm statistics kept);
-- ``normalization``: the ``(mean, std)`` its inputs expect, or None when it learns from raw [0, 1] pixels;
 - ``cache_key``: a string that changes whenever the features it computes would (for feature caches).
 
 Hydra instantiates the classes directly through ``_target_``.
@@ -26,18 +27,21 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class SmallCNN(nn.Module):
     """A small CNN trained from scratch — the default for the built-in 64x64 shapes data set.
 
-    One conv3x3-bn-relu block with stride 2 per entry of ``channels``, then a 1x1 conv-bn-relu to ``out_dim``
-    channels: the map is S / 2**len(channels) on a side, 4x4 at 64 px with the default four blocks (16
-    positions for attention). Fully convolutional, so any image size divisible by ``downsampling`` works.
-    Doubling the channels at each halving keeps every block at the same cost; the 1x1 head widens the
-    features without paying 9x for it (0.3 G multiply-adds forward at batch 64, 64 px).
+    One block per entry of ``channels``: a conv3x3-bn-relu with stride 2, then ``depth - 1`` more at the new
+    resolution; then a 1x1 conv-bn-relu to ``out_dim`` channels. The map is S / 2**len(channels) on a side,
+    4x4 at 64 px with the default four blocks (16 positions for attention). Fully convolutional, so any image
+    size divisible by ``downsampling`` works. Doubling the channels at each halving keeps every block at the
+    same cost; the 1x1 head widens the features without paying 9x for it.
+
+    ``depth=2`` (the default) is what makes shapes learnable in a short run: with one convolution per block
+    (``depth=1``: five layers, receptive field 31 px, every layer strided) a classifier trained on the
+    built-in set's (colour, shape) pairs named 76% of single objects right after 12 epochs; with two, 99%
+    (and captioners trained through it name shapes right, where they did not before). It costs ~1.6x the
+    encoder's time (~20 ms forward + backward at batch 64, 64 px, on 2 CPU cores).
 
     With ``coordinates`` (CoordConv, Liu et al. 2018) two channels holding each pixel's x and y in [-1, 1]
     are appended to the input. Captions of the built-in set say "left of" / "above"; a decoder that mean-pools
@@ -50,33 +54,32 @@ class SmallCNN(nn.Module):
         channels: tuple[int, ...] | list[int] = (16, 32, 64, 128),
         batch_norm: bool = True,
         coordinates: bool = True,
+        depth: int = 2,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
-        if out_dim <= 0 or not channels or min(channels) <= 0:
+        if out_dim <= 0 or not channels or min(channels) <= 0 or depth < 1:
             raise ValueError(
-                f"SmallCNN needs a positive out_dim and at least one positive channel count; got "
-                f"out_dim={out_dim}, channels={channels}."
+                f"SmallCNN needs a positive out_dim, at least one positive channel count and depth >= 1; got "
+                f"out_dim={out_dim}, channels={channels}, depth={depth}."
             )
         self.out_dim = int(out_dim)
         self.coordinates = coordinates
+        self.depth = int(depth)
         self.downsampling = 2 ** len(channels)
 
         in_dims = (3 + (2 if coordinates else 0), *channels[:-1])
-        blocks = [
-            _conv_bn_relu(c_in, c_out, 3, 2, batch_norm)
-            for c_in, c_out in zip(in_dims, channels, strict=True)
-        ]
+        blocks = []
+        for c_in, c_out in zip(in_dims, channels, strict=True):
+            # the strided convolution halves the resolution, then depth - 1 more at the new one
+            blocks.append(_conv_bn_relu(c_in, c_out, 3, 2, batch_norm))
+            blocks += [_conv_bn_relu(c_out, c_out, 3, 1, batch_norm) for _ in range(self.depth - 1)]
         blocks.append(_conv_bn_relu(channels[-1], self.out_dim, 1, 1, batch_norm))
         self.blocks = nn.Sequential(*blocks)
 
     @property
     def frozen(self) -> bool:
         return False
-
-    @property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-        return None
 
     @property
     def cache_key(self) -> str:
@@ -182,7 +185,6 @@ class TorchvisionEncoder(nn.Module):
         self.trunk, head_keys = _split_trunk(model, family)
         self.out_dim = _head_in_features(model, name)
         self.pool: nn.Module = nn.AdaptiveAvgPool2d(spatial_size) if spatial_size else nn.Identity()
-        self._normalization = (IMAGENET_MEAN, IMAGENET_STD)
         self._weights_id = "random"
 
         if weights is not None:
@@ -201,11 +203,6 @@ class TorchvisionEncoder(nn.Module):
         return self._frozen
 
     @property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) of ImageNet, which every torchvision classification weight expects."""
-        return self._normalization
-
-    @property
     def cache_key(self) -> str:
         if not self._frozen:
             return f"{self.name}|trainable|id{id(self)}"
@@ -218,7 +215,7 @@ class TorchvisionEncoder(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> Tensor:
-        """images (N, 3, S, S), normalized with ``self.normalization`` -> feature map (N, out_dim, h, w)."""
+        """images (N, 3, S, S), ImageNet-normalised -> feature map (N, out_dim, h, w)."""
         return self.pool(self.trunk(images))
 
 
