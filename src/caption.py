@@ -26,7 +26,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
-from captioning.data.coco import image_transform
+from captioning.data.images import BadImageError
+from captioning.data.transforms import ImagePipeline
 from captioning.module import CaptioningModule, load_checkpoint
 from captioning.utils import resolve_ckpt_path, save_config
 from captioning.visualize import attention_overlay
@@ -76,13 +77,13 @@ def collect_images(images: Any) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def read_image(path: Path) -> Image.Image | None:
-    """The image as RGB, or None (with a warning naming the file) when it cannot be read."""
+def read_image(pipeline: ImagePipeline, path: Path) -> Image.Image | None:
+    """The image as training read it (RGB, transparency over white, 16-bit rescaled), or None with a
+    warning naming the file when it cannot be read."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        log.warning("Skipped %s: not a readable image (%s).", path, error)
+        return pipeline.load(path)
+    except (FileNotFoundError, BadImageError) as error:
+        log.warning("Skipped %s: %s", path, error)
         return None
 
 
@@ -162,14 +163,15 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     save_config(cfg, output_dir / "config.yaml")
 
-    transform = image_transform(image_size)
+    # the same reading and transform as training and evaluation, with the checkpoint's image size
+    pipeline = ImagePipeline(image_size, max_pixels=data_hparams.get("max_image_pixels"))
     results: list[dict[str, Any]] = []
     used_stems: set[str] = set()
     for chunk in batches(files, cfg.batch_size):
-        loaded = [(path, image) for path in chunk if (image := read_image(path)) is not None]
+        loaded = [(path, image) for path in chunk if (image := read_image(pipeline, path)) is not None]
         if not loaded:
             continue
-        images = torch.stack([transform(image) for _, image in loaded]).to(module.device)
+        images = torch.stack([pipeline(image) for _, image in loaded]).to(module.device)
         with torch.inference_mode():
             decoded = module(images)
         for i, (path, image) in enumerate(loaded):

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from captioning.loggers import WandbLogger
 from captioning.sweeps import check_sweep, optimized_value
 from captioning.utils import (
     explain_errors,
+    has_split,
+    instantiate_callbacks,
     instantiate_dict,
     print_config,
     resolve_ckpt_path,
@@ -35,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
     module: L.LightningModule = instantiate(cfg.module, _recursive_=False)
     if cfg.data.get("feature_cache"):  # the frozen encoder's features, computed once in prepare_data
         datamodule.use_encoder(module.encoder, OmegaConf.to_container(cfg.encoder, resolve=True))
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.trainer)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -43,10 +46,14 @@ def main(cfg: DictConfig) -> float | None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    if cfg.get("test") and datamodule.hparams.get("test_split", "test") and not trainer.fast_dev_run:
+    if cfg.get("test") and not has_split(datamodule, "test"):
+        # COCO 2017 (and the official 2014 layout) publish no test captions: nothing to test on
+        rank_zero_info("Fitting done; no test split (data.test_split is empty), so the test step is skipped: "
+                       "score a checkpoint with src/eval.py split=val, or use data=coco_karpathy for a test split.")
+    elif cfg.get("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-    elif cfg.get("test") and trainer.fast_dev_run:
+    elif cfg.get("test"):
         trainer.test(module, datamodule=datamodule)
 
     # End the W&B run with the job, so each job of a multirun is its own run (a trainer that raised has

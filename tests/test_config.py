@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from captioning.utils import instantiate_dict
+from captioning.utils import instantiate_callbacks, instantiate_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("data", "model", "encoder", "trainer", "logger", "callbacks", "debug", "experiment", "hparams_search")
@@ -63,7 +63,8 @@ def test_overrides_reach_constructors(tmp_path):
     module = instantiate(cfg.module, _recursive_=False)
     assert module.hparams.decoder == {"_target_": "captioning.models.CaptioningRNN", "cell_type": "attention",
                                       "wordvec_dim": 128, "hidden_dim": 64, "dropout": 0.0, "loss_normalize": "batch",
-                                      "backward": "autograd"}
+                                      "backward": "autograd", "feature_pool": "max", "feature_grid": 4,
+                                      "image_input": False}
     assert module.hparams.optimizer["lr"] == 0.01
     assert instantiate(cfg.data).batch_size == 8
 
@@ -85,3 +86,58 @@ def test_every_key_maps_onto_a_constructor_argument(tmp_path):
             if key.startswith("_"):
                 continue
             assert key in params or has_kwargs, f"{node._target_} has no argument {key!r}"
+
+
+# Trainer arguments people reach for, set without "+" (each is listed in conf/trainer/default.yaml), and
+# where the built Trainer shows it.
+KNOBS = {
+    "max_steps=7": lambda t: t.max_steps == 7,
+    "min_steps=3": lambda t: t.min_steps == 3,
+    "max_time=00:00:10:00": lambda t: any(type(c).__name__ == "Timer" for c in t.callbacks),
+    "limit_train_batches=5": lambda t: t.limit_train_batches == 5,
+    "limit_val_batches=0.5": lambda t: t.limit_val_batches == 0.5,
+    "limit_test_batches=3": lambda t: t.limit_test_batches == 3,
+    "limit_predict_batches=2": lambda t: t.limit_predict_batches == 2,
+    "val_check_interval=0.25": lambda t: t.val_check_interval == 0.25,
+    "check_val_every_n_epoch=2": lambda t: t.check_val_every_n_epoch == 2,
+    "fast_dev_run=true": lambda t: t.fast_dev_run is True,
+    "overfit_batches=2": lambda t: t.overfit_batches == 2,
+    "profiler=simple": lambda t: type(t.profiler).__name__ == "SimpleProfiler",
+    "enable_progress_bar=false": lambda t: t.progress_bar_callback is None,
+    "enable_model_summary=false": lambda t: not any(type(c).__name__.endswith("ModelSummary") for c in t.callbacks),
+    "enable_checkpointing=false": lambda t: t.checkpoint_callback is None,
+    "detect_anomaly=true": lambda t: t._detect_anomaly is True,
+    "num_sanity_val_steps=0": lambda t: t.num_sanity_val_steps == 0,
+    "log_every_n_steps=5": lambda t: t.log_every_n_steps == 5,
+    "accumulate_grad_batches=4": lambda t: t.accumulate_grad_batches == 4,
+    "reload_dataloaders_every_n_epochs=1": lambda t: t.reload_dataloaders_every_n_epochs == 1,
+    "inference_mode=false": lambda t: t.predict_loop.inference_mode is False,
+    "use_distributed_sampler=false": lambda t: t._accelerator_connector.use_distributed_sampler is False,
+    "precision=bf16-mixed": lambda t: t.precision == "bf16-mixed",
+}
+
+
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_trainer_knobs_need_no_plus(tmp_path, knob):
+    cfg = compose_train(tmp_path, [f"trainer.{knob}"])
+    callbacks = instantiate_callbacks(cfg.callbacks, cfg.trainer)  # as train.py builds them
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    assert KNOBS[knob](trainer), knob
+
+
+def test_trainer_config_lists_lightnings_arguments_with_lightnings_defaults(tmp_path):
+    import inspect
+
+    import lightning as L
+
+    cfg = compose_train(tmp_path)
+    params = inspect.signature(L.Trainer.__init__).parameters
+    # configured by the entry points (logger, callbacks), or deliberately not exposed
+    not_listed = {"self", "logger", "callbacks", "enable_autolog_hparams", "model_registry"}
+    assert set(params) - not_listed - set(cfg.trainer) == set()
+    # the values this project changes on purpose; every other listed one is Lightning's default
+    ours = {"default_root_dir", "devices", "precision", "min_epochs", "max_epochs", "num_sanity_val_steps",
+            "gradient_clip_val", "gradient_clip_algorithm", "log_every_n_steps", "deterministic", "benchmark",
+            "plugins"}
+    for key in set(cfg.trainer) - ours - {"_target_"}:
+        assert cfg.trainer[key] == params[key].default, key

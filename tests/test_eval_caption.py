@@ -308,3 +308,49 @@ def test_attention_overlay_rejects_mismatched_input():
         attention_overlay(image, ["a", "b", "c"], torch.rand(2, 4, 4))
     with pytest.raises(ValueError, match=r"weights must be a tensor \(L, h, w\)"):
         attention_overlay(image, ["a"], torch.rand(4, 4))
+
+
+def test_one_image_pipeline_for_training_evaluation_and_captioning(tmp_path):
+    """The same file gives the same tensor in a training batch, in evaluation and in caption.py — odd files
+    (transparency, 16-bit, CMYK, greyscale) included, where a plain convert("RGB") would differ."""
+    from captioning.data import CocoCaptionsDataModule
+    from captioning.data.transforms import ImagePipeline
+
+    root = tmp_path / "coco"
+    folder = root / "val2017"
+    folder.mkdir(parents=True)
+    rgba = Image.new("RGBA", (40, 30), (200, 30, 30, 0))  # fully transparent red: white in training
+    rgba.paste((30, 200, 30, 255), (10, 5, 30, 25))
+    rgba.save(folder / "000000000001.png")
+    Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)).save(folder / "000000000002.png")
+    Image.new("CMYK", (36, 28), (10, 200, 30, 0)).save(folder / "000000000003.jpg")
+    Image.new("L", (28, 36), 90).save(folder / "000000000004.jpg")
+    names = sorted(p.name for p in folder.iterdir())
+    (root / "annotations").mkdir()
+    coco = {"images": [{"id": k + 1, "file_name": n} for k, n in enumerate(names)],
+            "annotations": [{"id": k + 1, "image_id": k + 1, "caption": "a red square"} for k in range(len(names))]}
+    for split in ("train", "val"):
+        (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(coco))
+    shutil.copytree(folder, root / "train2017")  # the train split: the same files
+    dm = CocoCaptionsDataModule(root=str(root), test_split=None, image_size=24, min_word_count=1, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    caption = load_entry_point("caption")
+    pipeline = ImagePipeline(24)
+    plain = image_transform_plain(24)
+    differs_from_plain = 0
+    for k, name in enumerate(names):
+        in_training = dm.datasets["train"][k]["image"]  # one caption per image: pair k is image k
+        in_evaluation = dm.datasets["val"][k]["image"]  # what eval.py and validation decode
+        in_captioning = pipeline(caption.read_image(pipeline, folder / name))  # what caption.py feeds the model
+        assert torch.equal(in_training, in_evaluation) and torch.equal(in_evaluation, in_captioning), name
+        assert torch.equal(dm.image_pipeline()(folder / name), in_captioning)
+        with Image.open(folder / name) as image:
+            differs_from_plain += not torch.allclose(plain(image.convert("RGB")), in_captioning, atol=1e-3)
+    assert differs_from_plain >= 2  # the transparent and the 16-bit file: what caption.py used to get wrong
+
+
+def image_transform_plain(size):
+    from captioning.data.transforms import image_transform
+
+    return image_transform(size)

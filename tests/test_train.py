@@ -76,6 +76,28 @@ def test_resume_from_last_checkpoint(tmp_path):
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]  # history carried over from the first run
 
 
+def test_progress_lines_in_a_log_file(tmp_path):
+    """stdout to a file (SLURM, CI, | tee): a plain progress line every N steps, not an epoch of silence."""
+    overrides = [o for o in tiny(tmp_path, "trainer.max_epochs=2", "test=false",
+                                 "callbacks.progress_bar.every_n_steps=5", "callbacks.progress_bar.every_seconds=0")
+                 if o != "callbacks.progress_bar=null"]
+    log = tmp_path / "train.out"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    with log.open("w") as stdout:
+        subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT, env=env, stdout=stdout,
+                       stderr=subprocess.STDOUT, timeout=600, check=True)
+    lines = log.read_text().splitlines()
+    steps = [line for line in lines if line.startswith("epoch ") and " step " in line]
+    # 64 images x 5 captions / 16 = 20 steps an epoch: lines at 5, 10, 15, 20 and the epoch's end, twice
+    assert [line.split("  ")[1] for line in steps if line.startswith("epoch 1/2")][:4] == [
+        "step 5/20 (25%)", "step 10/20 (50%)", "step 15/20 (75%)", "step 20/20 (100%)"]
+    assert len([line for line in steps if line.startswith("epoch 2/2")]) >= 4
+    middle = steps[1]
+    assert "train/loss" in middle and "images/s" in middle and "epoch ETA" in middle and "fit ETA" in middle
+    assert sum(line.startswith("validation after epoch") for line in lines) == 2
+    assert not any("\x1b[" in line for line in lines)  # no terminal control codes in a log
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = train(tiny(tmp_path, "ckpt_path=/nonexistent/last.ckpt"), check=False)
     assert proc.returncode != 0

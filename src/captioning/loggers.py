@@ -110,6 +110,25 @@ def _load_run_config(config_file: str | None, output_dir: str | None) -> dict[st
     return config
 
 
+# W&B keeps some files outside the run's folder: it stages every logged table and its media in
+# $WANDB_DATA_DIR/artifacts/staging (~/.local/share/wandb) and caches artifact files in $WANDB_CACHE_DIR
+# (~/.cache/wandb), and the run file points there by absolute path. An offline run copied to another
+# machine for `wandb sync` then loses its tables, and the folders grow without end.
+_INSIDE_RUN = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache"}
+_set_by_us: dict[str, str] = {}
+
+
+def keep_inside_run(wandb_dir: Path) -> None:
+    """Point W&B's data (artifact staging) and cache directories into ``wandb_dir`` (the run's ``wandb/``), so that
+    everything a run logs lies under its run directory. A directory the user set in the environment wins;
+    one this function set for an earlier run of the same process (a multirun) is replaced."""
+    for variable, name in _INSIDE_RUN.items():
+        current = os.environ.get(variable)
+        if current is None or _set_by_us.get(variable) == current:
+            path = str((wandb_dir / name).absolute())
+            os.environ[variable] = _set_by_us[variable] = path
+
+
 def find_wandb_logger(loggers: list[Any]) -> WandbLogger | _LightningWandbLogger | None:
     """The first W&B logger of a trainer's loggers, or None."""
     return next((lg for lg in loggers if isinstance(lg, _LightningWandbLogger)), None)
@@ -118,8 +137,10 @@ def find_wandb_logger(loggers: list[Any]) -> WandbLogger | _LightningWandbLogger
 class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` with ``mode="auto"``: online when it can be, offline when not.
 
-    An offline run keeps everything under ``<save_dir>/wandb/`` and prints one line on how to upload it
-    later with ``wandb sync``; a run never fails because W&B is unreachable.
+    An offline run keeps everything under ``<save_dir>/wandb/`` — its tables and media too, which W&B
+    would otherwise stage under ``~/.local/share/wandb`` (see :func:`keep_inside_run`) — so the folder can
+    be copied to another machine and uploaded there; it prints one line on how, with ``wandb sync``. A run
+    never fails because W&B is unreachable.
 
     On top of Lightning's logger:
 
@@ -161,6 +182,7 @@ class WandbLogger(_LightningWandbLogger):
     ) -> None:
         self.mode = resolve_wandb_mode(mode)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
+        keep_inside_run(Path(save_dir) / "wandb")
         # Checkpoints become artifacts only when there is a server to upload them to.
         log_model = log_model if self.mode == "online" else False
         labels = hydra_run_labels()

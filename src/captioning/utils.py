@@ -23,7 +23,7 @@ from rich.syntax import Syntax
 from .checkpointing import read_checkpoint
 from .module import NonFiniteLossError
 
-__all__ = ["instantiate_dict", "print_config", "save_config", "resolve_ckpt_path", "explain_errors", "seed_everything"]
+__all__ = ["instantiate_dict", "instantiate_callbacks", "has_split", "print_config", "save_config", "resolve_ckpt_path", "explain_errors", "seed_everything"]
 
 T = TypeVar("T")
 # The checkpoints ckpt_path=last picks from: ModelCheckpoint's and InterruptCheckpoint's.
@@ -40,6 +40,22 @@ def instantiate_dict(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def instantiate_callbacks(group: DictConfig | None, trainer: DictConfig | None = None) -> list[Any]:
+    """The callbacks of a config group, less those the trainer config switches off.
+
+    ``trainer.enable_progress_bar=false``, ``enable_model_summary=false`` and ``enable_checkpointing=false``
+    drop the configured progress bar, model summary and ModelCheckpoint, as they would Lightning's own:
+    Lightning refuses the first and last next to a configured callback, and keeps printing a configured
+    summary.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+
+    switches = {"enable_progress_bar": ProgressBar, "enable_model_summary": ModelSummary,
+                "enable_checkpointing": ModelCheckpoint}
+    off = tuple(kind for key, kind in switches.items() if trainer is not None and trainer.get(key) is False)
+    return [callback for callback in instantiate_dict(group) if not (off and isinstance(callback, off))]
 
 
 @rank_zero_only
@@ -143,6 +159,12 @@ def _explain(error: BaseException) -> str:
 @rank_zero_only
 def _print_error(message: str) -> None:
     print(f"Error: {message}\n(Set HYDRA_FULL_ERROR=1 for the full traceback.)", file=sys.stderr, flush=True)
+
+
+def has_split(datamodule: Any, role: str) -> bool:
+    """Whether the DataModule has a ``role`` ("train", "val", "test") split configured."""
+    splits = getattr(datamodule, "splits", None)
+    return bool(splits.get(role)) if isinstance(splits, dict) else True
 
 
 def seed_everything(seed: int | None) -> None:
