@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -58,14 +59,15 @@ class CocoImage:
     karpathy_split: str = ""
     mode: str = "RGB"
     size: tuple[int, int] = (64, 48)
-    scene: dict = field(default_factory=dict)
+    scene: Any = None  # the drawn scene (captioning.data.shapes.Scene)
 
 
-def _captions(rng: random.Random, scene, count: int) -> list[str]:
+def _captions(rng: random.Random, scene, count: int, objects: list[str]) -> list[str]:
     from captioning.data.shapes import scene_captions
 
     base = scene_captions(scene, 64, np.random.default_rng(rng.randrange(2**31)))
-    words = [base[k % len(base)] for k in range(count)]
+    # some name the image's COCO objects, so that CHAIR has mentions to check
+    words = [base[k % len(base)] + (f" with a {objects[k % len(objects)]}" if k % 2 else "") for k in range(count)]
     out = []
     for k, caption in enumerate(words):
         caption = DIRT[k % len(DIRT)].format(caption)
@@ -84,7 +86,7 @@ def make_images(num_train: int = 24, num_val: int = 8, seed: int = 0) -> list[Co
             scene = sample_scene(np.random.default_rng([seed, k, len(images)]), 64)
             objects = ["dog", "dining table"] if k % 3 == 0 else ["cat"] if k % 3 == 1 else ["person", "skateboard"]
             images.append(CocoImage(
-                image_id=image_id, split=split, captions=_captions(rng, scene, 5 + k % 3), objects=objects,
+                image_id=image_id, split=split, captions=_captions(rng, scene, 5 + k % 3, objects), objects=objects,
                 mode=("L", "CMYK", "RGB", "RGB")[k % 4], size=sizes[k % len(sizes)], scene=scene,
             ))
     return images

@@ -61,7 +61,7 @@ def test_train_then_eval_then_caption_on_coco_as_downloaded(tmp_path, layout):
         notices = [line for line in out.splitlines() if "no test split" in line]
         assert len(notices) == 1, out[-3000:]
     # the instance annotations beside the captions: CHAIR hallucination rates every validation
-    assert 0.0 <= report["final"]["val/grounding/chair_i"] <= 1.0
+    assert 0.0 <= report["final"]["val/grounding/chair_i"] <= 1.0 and "val/grounding/mentions" in report["final"]
 
     # the checkpoint alone is enough: eval.py takes the data group (coco) and its values from it
     eval_dir = tmp_path / "eval"

@@ -105,18 +105,24 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_learns_to_look(tmp_path):
-    """A shortened default run (4 of the 10 epochs) beats the blind baseline and gives image-dependent
-    captions. Shorter runs (1,500 images x 4 epochs, 470 steps) are still on the early plateau where the
-    decoder emits a handful of templates: measured 8-14 distinct captions, BLEU-4 0.21-0.28 (baseline 0.21)."""
+def test_default_run_learns_to_see(tmp_path):
+    """A shortened default run (4 of the 10 epochs, the cosine schedule over those 4) names what is in the
+    picture, not only the language of the references: judged against the scenes the generator drew.
+
+    Measured (seeds 12345 / 1, 2 min 18 s each on 2 cores): object precision 0.935 / 0.926, colour 0.981 /
+    0.978, single-object exact 1.000 / 1.000, true captions 0.870 / 0.875, BLEU-4 0.842 / 0.841 (blind
+    baseline 0.213), CIDEr-D 3.82 / 4.12 (0.48), 172 distinct captions for 200 images. The courses' setup
+    (experiment=shapes_courses) stays at object precision ~0.1 with a BLEU-4 of ~0.3."""
     train([f"paths.root_dir={tmp_path}", "data.num_val=200", "data.num_test=50", "data.progress=false",
            "trainer.max_epochs=4", "logger=csv", "callbacks.progress_bar=null"])
     (run,) = run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
-    # The blind baseline is the best constant caption; a model that looks beats it, most clearly on CIDEr-D
-    # (measured with seeds 12345 / 1: BLEU-4 0.310 / 0.277 vs 0.213, CIDEr-D 1.45 / 1.09 vs 0.48,
-    # 68 / 40 distinct captions for the 200 images).
-    blind = metrics["blind_baseline"]
-    assert metrics["best"]["val/bleu4"] > blind["bleu4"]
-    assert metrics["best"]["val/cider"] > 1.5 * blind["cider"]
-    assert metrics["distinct_val_captions"] > 20
+    final, blind = metrics["final"], metrics["blind_baseline"]
+    assert final["val/grounding/precision"] >= 0.85  # named objects that are in the picture
+    assert final["val/grounding/color"] >= 0.95 and final["val/grounding/shape"] >= 0.85
+    assert final["val/grounding/single_exact"] >= 0.9
+    assert final["val/grounding/correct"] >= 0.75  # captions with nothing false in them
+    assert blind["grounding/precision"] == 0.0  # the best constant caption names no object
+    assert final["val/bleu4"] >= 0.75 and final["val/bleu4"] > 2 * blind["bleu4"]
+    assert final["val/cider"] > 5 * blind["cider"]
+    assert metrics["distinct_val_captions"] > 100
