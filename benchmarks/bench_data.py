@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                                      ("feature cache, 0 workers", 0, True), ("feature cache, 2 workers", 2, True)):
             dm = datamodule(root, workers, cache, args.batch_size, cache_dir)
             if cache:
-                dm.use_encoder(module.encoder, ENCODER)
+                dm.use_encoder(module.encoder)
                 if not any(cache_dir.glob("train-*")):
                     start = clock()
                     dm.prepare_data()  # builds the cache of train, val and test
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 
         epochs = {"off": [], "on": []}
         on_dm = datamodule(root, args.workers, True, args.batch_size, cache_dir)
-        on_dm.use_encoder(module.encoder, ENCODER)
+        on_dm.use_encoder(module.encoder)
         off_dm = datamodule(root, args.workers, False, args.batch_size, cache_dir)
         for dm in (off_dm, on_dm):
             fit_one_epoch(module, dm, device, clock)  # warm-up: first-touch allocations, page cache, worker imports

@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     module: L.LightningModule = instantiate(cfg.module, _recursive_=False)
     if cfg.data.get("feature_cache"):  # the frozen encoder's features, computed once in prepare_data
-        datamodule.use_encoder(module.encoder, OmegaConf.to_container(cfg.encoder, resolve=True))
+        datamodule.use_encoder(module.encoder)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.trainer)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from captioning.chair import COCO_CATEGORY_WORDS, CocoChair, mentioned_categories, singular
-from captioning.data.coco import CocoCaptionsDataModule, load_instance_categories
+from captioning.data import CocoCaptionsDataModule
+from captioning.data.annotations import load_instance_categories
 from captioning.module import grounding_scorer
 from cocofiles import write_coco
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from captioning.data import CocoCaptionsDataModule, ShapesDataModule, Vocabulary
-from captioning.data.coco import collate_captions
+from captioning.data.datasets import collate_captions
 
 TRAIN_CAPTIONS = {
     1: ["A dog runs on the grass.", "a brown dog running", "the dog is running fast on green grass today"],

@@ -36,17 +36,14 @@ class CountingEncoder(nn.Module):
         return self.conv(images)
 
 
-KEY = {"_target_": "tests.CountingEncoder", "seed": 0}
-
-
-def make_dm(root, tmp_path, encoder=None, key=KEY, **kwargs):
+def make_dm(root, tmp_path, encoder=None, **kwargs):
     args = {"root": str(root), "year": "2017", "image_size": 32, "max_length": 8, "min_word_count": 1,
             "batch_size": 4, "num_workers": 0, "vocab_path": str(tmp_path / "vocab.json"),
             "cache_dir": str(tmp_path / "features"), "feature_cache": True, "feature_dtype": "float32",
             "progress": False} | kwargs
     dm = CocoCaptionsDataModule(**args)
     if encoder is not None:
-        dm.use_encoder(encoder, key)
+        dm.use_encoder(encoder)
     return dm
 
 
@@ -70,7 +67,7 @@ def test_cache_is_built_once_then_reused(tiny_shapes_root, tmp_path):
     names = cache_dirs(tmp_path)
     assert len(names) == 3 and {n.split("-")[0] for n in names} == {"train", "val", "test"}
     directory = dm.feature_directory("train")
-    assert json.loads((directory / "key.json").read_text())["image_size"] == 32
+    assert "size=[32, 32]" in json.loads((directory / "key.json").read_text())["transform"]
     assert json.loads((directory / "progress.json").read_text())["complete"] is True
 
     dm.setup("fit")
@@ -102,7 +99,7 @@ def test_cache_is_built_once_then_reused(tiny_shapes_root, tmp_path):
     assert cache_dirs(tmp_path) == names
 
 
-@pytest.mark.parametrize("change", ["weights", "config", "image_size", "dtype"])
+@pytest.mark.parametrize("change", ["weights", "cache_key", "image_size", "dtype"])
 def test_a_changed_key_builds_a_new_cache(tiny_shapes_root, tmp_path, change):
     first = CountingEncoder()
     dm = make_dm(tiny_shapes_root, tmp_path, first)
@@ -110,16 +107,16 @@ def test_a_changed_key_builds_a_new_cache(tiny_shapes_root, tmp_path, change):
     old = dm.feature_directory("val")
     old_features = np.load(old / "features.npy").copy()
 
-    encoder, key, extra = CountingEncoder(), KEY, {}
+    encoder, extra = CountingEncoder(), {}
     if change == "weights":
         encoder = CountingEncoder(seed=1)  # same config, other weights: must not read the old features
-    elif change == "config":
-        key = KEY | {"spatial_size": 2}
+    elif change == "cache_key":
+        encoder.cache_key = "pool2"  # what a config change of the same weights (spatial_size) changes
     elif change == "image_size":
         extra = {"image_size": 16}
     else:
         extra = {"feature_dtype": "float16"}
-    dm2 = make_dm(tiny_shapes_root, tmp_path, encoder, key, **extra)
+    dm2 = make_dm(tiny_shapes_root, tmp_path, encoder, **extra)
     dm2.prepare_data()
     assert encoder.rows == 30  # recomputed
     new = dm2.feature_directory("val")
@@ -272,11 +269,11 @@ def test_cache_needs_a_frozen_encoder(tiny_shapes_root, tmp_path):
     assert "use_encoder" in str(err.value)
     trainable = nn.Conv2d(3, 3, 4, stride=4)
     with pytest.raises(ValueError, match="encoder.freeze=true"):
-        dm.use_encoder(trainable, {"_target_": "torch.nn.Conv2d"})
+        dm.use_encoder(trainable)
     with pytest.raises(ValueError, match="augment"):
         make_dm(tiny_shapes_root, tmp_path, augment=True)
     plain = make_dm(tiny_shapes_root, tmp_path, feature_cache=False)
-    plain.use_encoder(trainable, {})  # nothing to cache: fine
+    plain.use_encoder(trainable)  # nothing to cache: fine
     plain.prepare_data()
     plain.setup("validate")
     assert "images" in next(iter(plain.val_dataloader()))
@@ -296,7 +293,7 @@ def test_training_reads_features_through_the_lightning_module(tiny_shapes_root, 
     )
     calls = []
     module.encoder.register_forward_hook(lambda *args: calls.append(1))
-    dm = make_dm(tiny_shapes_root, tmp_path, module.encoder, encoder_cfg, batch_size=10)
+    dm = make_dm(tiny_shapes_root, tmp_path, module.encoder, batch_size=10)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         num_sanity_val_steps=0, limit_val_batches=0)

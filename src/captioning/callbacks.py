@@ -21,7 +21,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from .data.coco import load_image
+from .data.images import load_image
 from .loggers import find_wandb_logger
 from .metrics import CaptionScorer, corpus_bleu, tokenize
 from .visualize import attention_overlay

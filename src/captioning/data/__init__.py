@@ -1,6 +1,8 @@
 """Caption data: vocabulary, COCO-format DataModule, and the built-in shapes data set."""
 
-from captioning.data.coco import CocoCaptionsDataModule, collate_captions, load_caption_split
+from captioning.data.annotations import load_caption_split
+from captioning.data.coco import CocoCaptionsDataModule
+from captioning.data.datasets import collate_captions
 from captioning.data.shapes import (
     GENERATOR_VERSION,
     ShapesDataModule,

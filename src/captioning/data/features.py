@@ -1,7 +1,9 @@
 """Encoder feature cache: a frozen encoder's features of a split, computed once, memory-mapped for training.
 
-One directory per cache key (encoder config and weights, image size, transform, split, storage dtype);
-its name carries the key's hash, so a changed key builds a new cache and never reads a stale one::
+:class:`FeatureCache` is the cache of one DataModule: for each split, its key (everything the features
+depend on: the encoder's class, ``cache_key`` and a hash of its weights, the image pipeline, the storage
+dtype, the split's image files) and its store. One directory per key; its name carries the key's hash, so a
+changed key builds a new cache and never reads a stale one::
 
     <cache_dir>/<split>-<hash>/
         key.json        # the key, readable (its hash is in the directory name)
@@ -36,15 +38,18 @@ from captioning.data.locking import file_lock
 __all__ = [
     "FEATURE_DTYPES",
     "FEATURE_FORMAT",
+    "FeatureCache",
     "FeatureStore",
     "build_feature_store",
     "cache_directory",
     "encoder_fingerprint",
+    "encoder_is_frozen",
     "key_digest",
 ]
 
 # Bump when the on-disk layout or what goes into the features changes: old caches are then not read.
-FEATURE_FORMAT = 1
+# 2: the key holds the encoder's class, cache_key and weights hash, no longer its config.
+FEATURE_FORMAT = 2
 FEATURE_DTYPES = ("float16", "float32")
 KEY_FILE, INDEX_FILE, FEATURES_FILE, PROGRESS_FILE, LOCK_FILE = (
     "key.json", "index.json", "features.npy", "progress.json", ".lock")
@@ -293,3 +298,89 @@ def _build(directory: Path, images: Dataset, encoder: nn.Module, device: torch.d
     features.flush()
     _write_json(directory / PROGRESS_FILE, {"rows_done": rows, "feature_shape": feature_shape,
                                             "bad_rows": bad_rows, "complete": True})
+
+
+# ---------------------------------------------------------------------------------------------- one cache
+def encoder_is_frozen(encoder: nn.Module) -> bool:
+    """Whether ``encoder``'s features are fixed: its ``frozen`` flag, else no parameter needing gradients."""
+    frozen = getattr(encoder, "frozen", None)
+    if isinstance(frozen, bool):
+        return frozen
+    return not any(p.requires_grad for p in encoder.parameters())
+
+
+def _file_signature(path: str) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class FeatureCache:
+    """A frozen encoder's cached features of a data set's splits: each split's key and its store.
+
+    Args:
+        directory: the folder holding one sub-folder per key.
+        encoder: the frozen encoder; its class, ``cache_key`` and a hash of its weights go into every key,
+            so features of other weights (another random init, a fine-tuned file under the same name) are
+            never read as these.
+        transform: a description of how images become its input (the image pipeline's ``repr``).
+        dtype: storage dtype, "float16" or "float32".
+        root: the data root; image paths enter the key relative to it, so a moved data set keeps its cache.
+    """
+
+    def __init__(self, directory: str | os.PathLike, encoder: nn.Module, transform: str, dtype: str = "float16",
+                 root: str | os.PathLike = "") -> None:
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"FeatureCache needs the encoder nn.Module, got {type(encoder).__name__}.")
+        if not encoder_is_frozen(encoder):
+            raise ValueError(
+                f"data.feature_cache=true needs a frozen encoder, but {type(encoder).__name__} is trainable: its "
+                "features change as it learns, so they cannot be computed once. Set encoder.freeze=true (a "
+                "torchvision encoder such as encoder=mobilenet_v2 encoder.freeze=true), or data.feature_cache=false."
+            )
+        if dtype not in FEATURE_DTYPES:
+            raise ValueError(f"Feature cache dtype must be one of {FEATURE_DTYPES}, got {dtype!r}.")
+        self.directory, self.encoder, self.transform, self.dtype = Path(directory), encoder, transform, dtype
+        self.root = str(root)
+        self._fingerprint: str | None = None
+
+    def key(self, split: Mapping[str, Any], image_ids: Sequence[int], image_paths: Sequence[str]) -> dict[str, Any]:
+        """Everything the features of a split depend on. ``split`` names it (source, name...); every image's
+        id, path, size and modification time is hashed in, so images replaced in place make a new cache."""
+        if self._fingerprint is None:
+            self._fingerprint = encoder_fingerprint(self.encoder)
+        prefix = self.root + os.sep if self.root else ""
+        names = "\n".join(f"{i}\t{str(p).removeprefix(prefix)}\t{_file_signature(str(p))}"
+                          for i, p in zip(image_ids, image_paths, strict=True))
+        encoder = type(self.encoder)
+        return {
+            "format": FEATURE_FORMAT,
+            "encoder_class": f"{encoder.__module__}.{encoder.__qualname__}",
+            "encoder_cache_key": str(getattr(self.encoder, "cache_key", "")),
+            "encoder_weights": self._fingerprint,
+            "transform": self.transform,
+            "dtype": self.dtype,
+            "split": {**split, "images": len(image_ids),
+                      "files": hashlib.sha256(names.encode("utf-8", "replace")).hexdigest()},
+        }
+
+    def path(self, key: Mapping[str, Any], label: str) -> Path:
+        """The directory of ``key``'s features; ``label`` (the split's name) makes listings readable."""
+        return cache_directory(self.directory, key, label)
+
+    def open(self, key: Mapping[str, Any], label: str) -> FeatureStore:
+        """The finished store of ``key``; RuntimeError when it is not built (or not finished)."""
+        return FeatureStore(self.path(key, label))
+
+    def build(self, key: Mapping[str, Any], label: str, image_ids: Sequence[int] | np.ndarray, images: Dataset,
+              **options: Any) -> FeatureStore:
+        """The store of ``key``, built (or a partial build resumed) when it is not finished yet.
+        ``options`` go to :func:`build_feature_store` (device, batch_size, num_workers, progress...)."""
+        try:
+            return self.open(key, label)
+        except RuntimeError:
+            pass  # not built yet, or interrupted: build (or resume) below
+        return build_feature_store(self.path(key, label), key, image_ids, images, self.encoder, dtype=self.dtype,
+                                   description=f"encoder features {label}", **options)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KARPATHY_SPLITS", "KarpathyImage", "karpathy_split_names", "read_karpathy"]
+from captioning.data.annotations import CaptionSplit, clean_split
+
+__all__ = ["KARPATHY_SPLITS", "KarpathyImage", "karpathy_caption_split", "karpathy_split_names", "read_karpathy"]
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 _INT64_MAX = 2**63 - 1
@@ -118,3 +121,12 @@ def karpathy_split_names(split: str, restval: bool) -> tuple[str, ...]:
             f"{', '.join(KARPATHY_SPLITS)} (set data.train_split / val_split / test_split to those)."
         )
     return ("train", "restval") if split == "train" and restval else (split,)
+
+
+def karpathy_caption_split(images: Sequence[KarpathyImage], split: str, restval: bool, root: str | os.PathLike,
+                           path: str | os.PathLike) -> CaptionSplit:
+    """The images of one Karpathy split (train with restval when ``restval``), their files under ``root``."""
+    labels = karpathy_split_names(split, restval)
+    entries = [e for e in images if e.split in labels]
+    return clean_split(Path(path), "+".join(labels), [e.image_id for e in entries],
+                       [str(Path(root) / e.path) for e in entries], [list(e.captions) for e in entries])

@@ -11,13 +11,16 @@ stands in every checkpoint (:func:`training_position`) and hands it back to the 
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterator, Sized
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DistributedSampler
 
-__all__ = ["ResumableSampler", "TrainingPosition", "training_position"]
+__all__ = ["ResumableSampler", "TrainingPosition", "training_position", "training_sampler"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,32 @@ class ResumableSampler(DistributedSampler):
 
     # __len__ stays the whole shard: Lightning counts a resumed epoch's batches from where it stopped, so
     # the loader must report the epoch's full length while yielding only the rest.
+
+
+def training_sampler(dataset: Sized, trainer: Any, batch_size: int,
+                     position: TrainingPosition | None = None) -> ResumableSampler:
+    """This process's shuffled training order for the trainer's current epoch, continued at ``position``
+    (a resumed checkpoint's) when it was written with the same batch size and number of processes.
+
+    The seed is Lightning's convention for the samplers it injects: the ``seed_everything`` seed, else 0,
+    so every rank agrees.
+    """
+    world_size, rank, epoch = ((trainer.world_size, trainer.global_rank, trainer.current_epoch)
+                               if trainer is not None else (1, 0, 0))
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, epoch=epoch)
+    if position is None:
+        return sampler
+    if (position.batch_size, position.world_size) == (batch_size, world_size):
+        sampler.resume(position.epoch, position.batch * batch_size)
+        if position.batch:
+            rank_zero_info(f"Resuming the data order of epoch {position.epoch} at batch {position.batch}.")
+    else:
+        warnings.warn(
+            f"The checkpoint was written with data.batch_size={position.batch_size} on {position.world_size} "
+            f"process(es) and this run uses {batch_size} on {world_size}: the rest of epoch {position.epoch} "
+            "cannot continue the interrupted order, so its remaining batches restart that epoch's order from the "
+            "beginning. Resume with the same batch size and number of devices to continue exactly.",
+            UserWarning, stacklevel=3)
+        sampler.set_epoch(position.epoch)
+    return sampler

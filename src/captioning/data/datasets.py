@@ -1,0 +1,204 @@
+"""What the DataLoaders iterate: image sources (pixels or cached features), the training and evaluation
+datasets, and the collate function that skips unreadable images.
+
+A *source* maps image ``i`` of a split to ``{"image": (3, S, S)}`` or ``{"features": (D, h, w)}``, or to
+a :class:`~captioning.data.images.BadImage` when the file cannot be read; the datasets pair sources with
+encoded captions, and :class:`SkippingCollate` drops the bad ones from a batch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from captioning.data.annotations import CaptionSplit
+from captioning.data.features import FeatureStore
+from captioning.data.images import BadImage, BadImageError, BadImageLog
+from captioning.data.transforms import ImagePipeline
+from captioning.data.vocab import Vocabulary, pad_captions
+
+__all__ = [
+    "CaptionPairDataset",
+    "CaptionedImageDataset",
+    "FeatureSource",
+    "ImageSource",
+    "SkippingCollate",
+    "Source",
+    "TransformedImages",
+    "collate_captions",
+]
+
+
+class ImageSource:
+    """Image ``i`` of a split -> ``{"image": (3, S, S)}``, or a :class:`BadImage` when it cannot be read.
+
+    ``on_bad_image="fail"`` raises instead (FileNotFoundError or a ValueError naming the file).
+    """
+
+    def __init__(self, paths: np.ndarray, pipeline: ImagePipeline, log: BadImageLog,
+                 on_bad_image: str = "skip") -> None:
+        self.paths, self.pipeline, self.log = paths, pipeline, log
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor] | BadImage:
+        path = str(self.paths[index])
+        if self.log.is_bad(index) and self.on_bad_image == "skip":
+            return BadImage(path, "unreadable (see the earlier warning)")
+        try:
+            image = self.pipeline.load(path)
+        except (FileNotFoundError, BadImageError) as err:
+            if self.on_bad_image == "fail":
+                raise type(err)(
+                    f"{err}. Replace or remove the file (or its annotation), or set data.on_bad_image=skip "
+                    "to skip unreadable images with a warning and train on."
+                ) from err
+            return self.log.record(index, str(err))
+        return {"image": self.pipeline(image)}
+
+
+class TransformedImages(Dataset):
+    """The transformed images of a split, one per row (what the feature cache is built from)."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> torch.Tensor | BadImage:
+        sample = self.source(index)
+        return sample if isinstance(sample, BadImage) else sample["image"]
+
+
+class FeatureSource:
+    """Image ``i`` of a split -> ``{"features": (D, h, w)}`` read from the feature cache.
+
+    Row ``i`` of the store is image ``i`` of the split (the cache key includes the split's image list).
+    """
+
+    def __init__(self, store: FeatureStore, paths: np.ndarray, log: BadImageLog) -> None:
+        self.store, self.paths, self.log = store, paths, log
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor] | BadImage:
+        if self.log.is_bad(index):
+            return BadImage(str(self.paths[index]), self.store.bad_rows.get(index, "unreadable"))
+        return {"features": torch.from_numpy(self.store.row(index))}
+
+
+Source = Callable[[int], "dict[str, torch.Tensor] | BadImage"]
+
+
+class CaptionPairDataset(Dataset):
+    """Training samples: one per (image, caption) pair.
+
+    Captions are encoded once up front into a padded int64 array (P, max_length + 2) so workers share it.
+    ``source(i)`` gives image ``i``'s pixels or cached features (or a BadImage, passed through).
+    """
+
+    def __init__(self, split: CaptionSplit, vocab: Vocabulary, max_length: int, source: Source) -> None:
+        self.split, self.source = split, source
+        encoded = [vocab.encode(c, max_length) for refs in split.references for c in refs]
+        self.image_index = np.repeat(np.arange(len(split)), [len(r) for r in split.references])
+        self.lengths = np.asarray([len(e) for e in encoded], dtype=np.int64)
+        self.captions = np.zeros((len(encoded), max_length + 2), dtype=np.int64)
+        for row, e in zip(self.captions, encoded, strict=True):
+            row[: len(e)] = e
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
+        i = int(self.image_index[index])
+        sample = self.source(i)
+        if isinstance(sample, BadImage):
+            return sample
+        return {
+            **sample,
+            "caption": torch.from_numpy(self.captions[index, : self.lengths[index]].copy()),
+            "image_id": int(self.split.image_ids[i]),
+        }
+
+
+class CaptionedImageDataset(Dataset):
+    """Evaluation samples: one per image, with all its raw reference captions.
+
+    ``caption`` is the first reference encoded, for a teacher-forced validation loss.
+    """
+
+    def __init__(self, split: CaptionSplit, vocab: Vocabulary, max_length: int, source: Source) -> None:
+        self.split, self.source = split, source
+        self.first_captions = [vocab.encode(refs[0], max_length) for refs in split.references]
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
+        sample = self.source(index)
+        if isinstance(sample, BadImage):
+            return sample
+        return {
+            **sample,
+            "caption": torch.tensor(self.first_captions[index], dtype=torch.long),
+            "image_id": int(self.split.image_ids[index]),
+            "references": list(self.split.references[index]),
+        }
+
+
+def collate_captions(samples: Sequence[dict[str, Any] | BadImage | None]) -> dict[str, Any]:
+    """Samples -> batch dict; samples of unreadable images (BadImage or None) are dropped.
+
+    ``images`` (N, 3, S, S) float, or ``features`` (N, D, h, w) float32 from the feature cache;
+    ``captions`` (N, T+1) long, ``[<START>] w1..wk [<END>]`` padded with ``<NULL>`` = 0 to the longest in
+    the batch; ``image_ids`` (N,) long; plus ``references`` (N lists of raw strings) for evaluation samples.
+    """
+    kept = [s for s in samples if s is not None and not isinstance(s, BadImage)]
+    if not kept:
+        named = [s.path for s in samples if isinstance(s, BadImage)][:5]
+        raise ValueError(
+            f"Every image of a batch of {len(samples)} was unreadable ({', '.join(named) or 'no sample'}); "
+            "see the warnings above. So many broken files usually mean a wrong data.root or a damaged "
+            "download: check the image folders."
+        )
+    batch: dict[str, Any] = {}
+    if "features" in kept[0]:
+        batch["features"] = torch.stack([s["features"] for s in kept]).float()
+    else:
+        batch["images"] = torch.stack([s["image"] for s in kept])
+    batch["captions"] = pad_captions([s["caption"] for s in kept])
+    batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)
+    if "references" in kept[0]:
+        batch["references"] = [s["references"] for s in kept]
+    return batch
+
+
+class SkippingCollate:
+    """:func:`collate_captions` for one dataset, so that a run never stops on a batch of broken files.
+
+    In the rare batch whose every image is unreadable (a small last batch, or a run of broken files), the
+    first readable sample of the dataset found from a pseudo-random position (fixed by the broken files'
+    names, so runs repeat) takes their place; only when none of ``max_tries`` samples is readable does it
+    raise the ValueError of :func:`collate_captions`.
+    """
+
+    def __init__(self, dataset: Dataset, max_tries: int = 1000) -> None:
+        self.dataset, self.max_tries = dataset, max_tries
+
+    def __call__(self, samples: Sequence[dict[str, Any] | BadImage | None]) -> dict[str, Any]:
+        if any(s is not None and not isinstance(s, BadImage) for s in samples) or not len(self.dataset):
+            return collate_captions(samples)
+        size = len(self.dataset)
+        names = "".join(s.path for s in samples if isinstance(s, BadImage))
+        start = zlib.crc32(names.encode("utf-8", "replace")) % size
+        for k in range(min(size, self.max_tries)):
+            sample = self.dataset[(start + k) % size]
+            if not isinstance(sample, BadImage):
+                return collate_captions([sample])
+        return collate_captions(samples)  # raises, naming the files
