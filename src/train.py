@@ -10,7 +10,7 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from captioning.loggers import WandbLogger
 from captioning.sweeps import check_sweep, optimized_value

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cocofiles import check_modes, write_coco
 
 REPO = Path(__file__).resolve().parents[1]

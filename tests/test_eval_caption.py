@@ -322,7 +322,7 @@ def test_one_image_pipeline_for_training_evaluation_and_captioning(tmp_path):
     rgba = Image.new("RGBA", (40, 30), (200, 30, 30, 0))  # fully transparent red: white in training
     rgba.paste((30, 200, 30, 255), (10, 5, 30, 25))
     rgba.save(folder / "000000000001.png")
-    Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)).save(folder / "000000000002.png")
+    Image.fromarray(np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50).save(folder / "000000000002.png")
     Image.new("CMYK", (36, 28), (10, 200, 30, 0)).save(folder / "000000000003.jpg")
     Image.new("L", (28, 36), 90).save(folder / "000000000004.jpg")
     names = sorted(p.name for p in folder.iterdir())

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from captioning.data import CocoCaptionsDataModule
+from captioning.data.features import FeatureStore
 from captioning.data.images import load_image
 from captioning.data.transforms import image_transform
-from captioning.data.features import FeatureStore
 
 
 class CountingEncoder(nn.Module):

@@ -450,7 +450,7 @@ class GroundingScorer:
     def __init__(self, scenes: Mapping[int, Mapping[str, Any]], lexicon: Lexicon = SHAPES_LEXICON) -> None:
         if not scenes:
             raise ValueError("GroundingScorer needs the scenes of at least one image.")
-        for image_id, scene in scenes.items():
+        for scene in scenes.values():
             _scene_objects(scene)
         self.scenes = dict(scenes)
         self.lexicon = lexicon

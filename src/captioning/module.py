@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
-from .checkpointing import check_format, read_checkpoint, stamp
 from .chair import CocoChair
+from .checkpointing import check_format, read_checkpoint, stamp
 from .grounding import GroundingScorer
 from .metrics import CaptionScorer, DecodedCaptions
 from .models import CaptioningRNN
