@@ -28,13 +28,11 @@ from PIL import Image
 
 from captioning.data.images import BadImageError
 from captioning.data.transforms import ImagePipeline
-from captioning.module import CaptioningModule, load_checkpoint
+from captioning.module import load_checkpoint
 from captioning.utils import resolve_ckpt_path, save_config
 from captioning.visualize import attention_overlay
 
 log = logging.getLogger(__name__)
-
-END_ID = 2
 
 
 def image_suffixes() -> set[str]:
@@ -118,18 +116,6 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:<n> or mps.") from error
 
 
-def caption_words(module: CaptioningModule, ids: torch.Tensor) -> list[str]:
-    """Token ids (L,) -> the emitted words up to and including ``<END>`` (one per attention map)."""
-    words = []
-    for i in ids.tolist():
-        if i == 0:
-            break
-        words.append(module.vocab[i])
-        if i == END_ID:
-            break
-    return words
-
-
 def batches(items: list[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -179,7 +165,7 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
             results.append({"file": str(path), "caption": caption, "log_prob": float(decoded.log_probs[i])})
             print(f"{path}\t{caption}", flush=True)
             if attention_maps and decoded.attn_weights is not None:
-                words = caption_words(module, decoded.captions[i])
+                words = module.vocab.words(decoded.captions[i])
                 overlay = attention_overlay(image, words, decoded.attn_weights[i], title=path.name)
                 target = output_dir / "attention" / f"{unique_stem(path, used_stems)}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ import torch
 from torch.nn import functional as F
 
 from captioning.models import CaptioningRNN, bptt, rnn, temporal_softmax_loss
+from captioning.models import loss as loss_module
+from captioning.models.loss import linear_temporal_softmax_loss
 
 NULL, START, END = 0, 1, 2
 N, T, D, H, Dh, Dw = 3, 5, 4, 6, 2, 3
@@ -104,28 +106,28 @@ def test_fused_loss_equals_unfused_and_gradchecks(normalize):
     torch.manual_seed(4)
     h, weight, bias = _rand(3, 4, 5), _rand(7, 5), _rand(7)
     targets = torch.tensor([[1, 2, 0, 0], [3, 4, 2, 0], [5, 6, 6, 2]])
-    fused = bptt.linear_temporal_softmax_loss(h, weight, bias, targets, normalize=normalize)
+    fused = linear_temporal_softmax_loss(h, weight, bias, targets, normalize=normalize)
     unfused = temporal_softmax_loss(F.linear(h, weight, bias), targets, normalize=normalize)
     torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=0)
     for a, b in zip(torch.autograd.grad(fused * 2.5, (h, weight, bias)),
                     torch.autograd.grad(unfused * 2.5, (h, weight, bias)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda *p: bptt.linear_temporal_softmax_loss(*p, targets, normalize=normalize), (h, weight, bias))
+        lambda *p: linear_temporal_softmax_loss(*p, targets, normalize=normalize), (h, weight, bias))
 
 
 def test_fused_loss_in_chunks_and_all_ignored(monkeypatch):
     torch.manual_seed(5)
-    monkeypatch.setattr(bptt, "_CHUNK_ELEMENTS", 3 * 11)  # 3 rows per chunk: several chunks, a ragged last
+    monkeypatch.setattr(loss_module, "_CHUNK_ELEMENTS", 3 * 11)  # 3 rows per chunk: several chunks, a ragged last
     h, weight, bias = _rand(4, 5, 6), _rand(11, 6), _rand(11)
     targets = torch.randint(0, 11, (4, 5))
-    fused = bptt.linear_temporal_softmax_loss(h, weight, bias, targets)
+    fused = linear_temporal_softmax_loss(h, weight, bias, targets)
     unfused = temporal_softmax_loss(F.linear(h, weight, bias), targets)
     torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=0)
     for a, b in zip(torch.autograd.grad(fused, (h, weight, bias)),
                     torch.autograd.grad(unfused, (h, weight, bias)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    none = bptt.linear_temporal_softmax_loss(h, weight, bias, torch.zeros(4, 5, dtype=torch.long))
+    none = linear_temporal_softmax_loss(h, weight, bias, torch.zeros(4, 5, dtype=torch.long))
     assert none.item() == 0.0
     assert torch.autograd.grad(none, h)[0].abs().sum() == 0
 
@@ -134,10 +136,10 @@ def test_fused_loss_falls_back_under_autocast_and_rejects_bad_shapes():
     h, weight, bias = torch.randn(2, 3, 4), torch.randn(6, 4), torch.randn(6)
     targets = torch.randint(1, 6, (2, 3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = bptt.linear_temporal_softmax_loss(h, weight, bias, targets)
+        loss = linear_temporal_softmax_loss(h, weight, bias, targets)
     assert abs(loss.item() - temporal_softmax_loss(F.linear(h, weight, bias), targets).item()) < 0.1
     with pytest.raises(ValueError, match="targets"):
-        bptt.linear_temporal_softmax_loss(h, weight, bias, targets[:, :2])
+        linear_temporal_softmax_loss(h, weight, bias, targets[:, :2])
 
 
 # --- the captioner on both paths -------------------------------------------------------------------

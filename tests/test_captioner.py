@@ -138,25 +138,25 @@ class _Scripted(CaptioningRNN):
 
 def test_greedy_stops_each_row_at_end_and_pads_with_null():
     model = _Scripted([[4, END, 5, 6, 7, 5], [4, 5, 6, END, 7, 7], [5, 5, 5, 5, 5, 5]])
-    captions, attn = model.sample(torch.randn(3, 2), max_length=6)
+    captions, _, attn = greedy_decode(model, torch.randn(3, 2), 6)
     assert attn is None
     assert captions.tolist() == [[4, END, NULL, NULL, NULL, NULL], [4, 5, 6, END, NULL, NULL], [5] * 6]
-    short, _ = model.sample(torch.randn(3, 2), max_length=3)
+    short, _, _ = greedy_decode(model, torch.randn(3, 2), 3)
     assert short.shape == (3, 3) and short[2].tolist() == [5, 5, 5]
 
 
 def test_greedy_loop_ends_when_every_row_has_ended():
     model = _Scripted([[END, 4, 4, 4], [4, END, 4, 4]])
-    captions, _ = model.sample(torch.randn(2, 2), max_length=50)
+    captions, _, _ = greedy_decode(model, torch.randn(2, 2), 50)
     assert model.t == 2  # two steps, not fifty
     assert captions.shape == (2, 50) and captions[:, 2:].eq(NULL).all()
 
 
 @pytest.mark.parametrize("cell_type", ["rnn", "lstm", "attention"])
-def test_sample_returns_attention_weights_only_for_attention(cell_type):
+def test_greedy_returns_attention_weights_only_for_attention(cell_type):
     torch.manual_seed(0)
     model = CaptioningRNN(vocab_size=9, input_dim=4, wordvec_dim=3, hidden_dim=5, cell_type=cell_type).eval()
-    captions, attn = model.sample(_features(cell_type, 3, 4), max_length=5)
+    captions, _, attn = greedy_decode(model, _features(cell_type, 3, 4), 5)
     assert captions.shape == (3, 5) and captions.dtype == torch.long
     if cell_type == "attention":
         assert attn.shape == (3, 5, 2, 3)
@@ -186,7 +186,7 @@ def test_overfit_small_data_and_reproduce_captions(cell_type):
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05, f"{cell_type} loss {loss.item():.4f}"
-    decoded, _ = model.eval().sample(features, max_length=T)
+    decoded = greedy_decode(model.eval(), features, T).captions
     np.testing.assert_array_equal(decoded.numpy(), captions[:, 1:].numpy())
 
 

@@ -250,7 +250,7 @@ def test_checkpoints_are_stamped_plain_and_checked(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["captioning_format"] == CHECKPOINT_FORMAT
     module, _ = load_checkpoint(path)
-    assert module.vocab == VOCAB
+    assert module.vocab.idx_to_word == VOCAB and module.hparams.vocab == VOCAB
 
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_bytes(b"\x89PNG not a checkpoint")

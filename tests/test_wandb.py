@@ -332,7 +332,10 @@ class _Recorder:
     """A LightningModule stand-in that records ``log`` calls."""
 
     def __init__(self) -> None:
+        from captioning.data.vocab import Vocabulary
+
         self.logged: list[tuple[str, float]] = []
+        self.vocab = Vocabulary(Vocabulary.SPECIALS)
 
     def log(self, name, value, **kwargs) -> None:
         self.logged.append((name, float(value)))

@@ -214,7 +214,7 @@ class Throughput(L.Callback):
         captions = batch["captions"]
         self._times.append(time.perf_counter())
         self._images.append(len(captions))
-        self._tokens.append((captions[:, 1:] != 0).sum())
+        self._tokens.append((captions[:, 1:] != pl_module.vocab.null_id).sum())
         elapsed = self._times[-1] - self._times[0]
         if elapsed <= 0:
             return
@@ -371,17 +371,6 @@ class WandbCaptionSamples(L.Callback):
         finally:
             pl_module.train(was_training)
 
-    def _words(self, pl_module: L.LightningModule, ids: torch.Tensor) -> list[str]:
-        """Token ids -> the words the decoder emitted, ``<END>`` included (each has an attention map)."""
-        words = []
-        for i in ids.tolist():
-            if i == 0:
-                break
-            words.append(pl_module.vocab[i])
-            if i == 2:
-                break
-        return words
-
     # -------------------------------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = _wandb_logger(trainer)
@@ -422,7 +411,7 @@ class WandbCaptionSamples(L.Callback):
             if with_attention:
                 overlay = None
                 if k < self.attention_images:
-                    words = self._words(pl_module, decoded.captions[k])
+                    words = pl_module.vocab.words(decoded.captions[k])
                     picture = attention_overlay(sample["image"], words, decoded.attn_weights[k])
                     overlay = wandb.Image(picture, caption=f"{image_id}: {caption}")
                     # one key per image: its panel's step slider walks through the epochs

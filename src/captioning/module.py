@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .chair import CocoChair
 from .checkpointing import check_format, read_checkpoint, stamp
+from .data.vocab import Vocabulary
 from .grounding import GroundingScorer
 from .metrics import CaptionScorer, DecodedCaptions
 from .models import CaptioningRNN
@@ -22,7 +23,6 @@ from .models.decoding import CaptionDecoder, Decoded
 
 __all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint"]
 
-SPECIALS = ("<NULL>", "<START>", "<END>", "<UNK>")
 NONFINITE_POLICIES = ("fail", "skip")
 # The config keys that shape the weights: a resume must match the checkpoint in these (dropout, freezing,
 # the loss normalisation... may change).
@@ -104,6 +104,7 @@ class CaptioningModule(L.LightningModule):
         self._drop_gradients = False  # set by a skipped step, read by on_before_optimizer_step
         self.encoder: nn.Module = instantiate(self.hparams.encoder)
         self.decoder: CaptioningRNN | None = None
+        self.vocab: Vocabulary | None = None
         self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
         self.scorers: dict[str, CaptionScorer] = {}
         # where the data knows what each image shows (the built-in set's scenes, COCO's instance annotations):
@@ -115,17 +116,12 @@ class CaptioningModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------
     # Building
-    @property
-    def vocab(self) -> list[str]:
-        return self.hparams.vocab
-
-    def _build_decoder(self, vocab: list[str]) -> None:
-        if tuple(vocab[:4]) != SPECIALS:
-            raise ValueError(f"The vocabulary must start with {SPECIALS}; got {tuple(vocab[:4])}.")
-        self.hparams.vocab = vocab
+    def _build_decoder(self, words: list[str]) -> None:
+        self.vocab = Vocabulary(words)  # checks the special tokens
+        self.hparams.vocab = list(words)
         self.decoder = instantiate(
-            self.hparams.decoder, vocab_size=len(vocab), input_dim=self.encoder.out_dim, null_id=0, start_id=1,
-            end_id=2,
+            self.hparams.decoder, vocab_size=len(self.vocab), input_dim=self.encoder.out_dim,
+            null_id=self.vocab.null_id, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
         )
 
     def set_decoding(self, decoding: CaptionDecoder) -> None:
@@ -142,9 +138,9 @@ class CaptioningModule(L.LightningModule):
             if self.decoder is None:
                 raise RuntimeError("CaptioningModule needs a datamodule with a vocabulary (or a checkpoint).")
             return
-        data_vocab = list(datamodule.vocab.idx_to_word)
+        data_vocab = datamodule.vocab
         if self.decoder is None:
-            self._build_decoder(data_vocab)
+            self._build_decoder(data_vocab.idx_to_word)
         elif data_vocab != self.vocab:
             raise ValueError(
                 f"The model's vocabulary ({len(self.vocab)} words) differs from the data's "
@@ -186,7 +182,7 @@ class CaptioningModule(L.LightningModule):
                 "the model from the checkpoint alone."
             )
         saved = saved_hparams.get("vocab")
-        if saved is not None and self.decoder is not None and saved != self.vocab:
+        if saved is not None and self.vocab is not None and saved != self.vocab.idx_to_word:
             raise ValueError(
                 f"The checkpoint's vocabulary ({len(saved)} words) differs from the data's ({len(self.vocab)} "
                 "words): resume or evaluate it on the data set (and data.min_word_count / data.max_length) it "
@@ -298,14 +294,8 @@ class CaptioningModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def caption_text(self, ids: Tensor | Sequence[int]) -> str:
-        """Word ids -> caption text, up to ``<END>``, without ``<NULL>`` / ``<START>``."""
-        words = []
-        for i in ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids:
-            if i == 2:
-                break
-            if i > 1:
-                words.append(self.vocab[i])
-        return " ".join(words)
+        """Word ids -> caption text, up to ``<END>`` (:meth:`Vocabulary.decode`)."""
+        return self.vocab.decode(ids.reshape(-1) if isinstance(ids, Tensor) else ids)
 
     # ---------------------------------------------------------------------------------------------
     # Optimisation

@@ -1,6 +1,8 @@
 """Caption vocabulary: tokenisation, word <-> id maps, encoding, decoding and padding.
 
-Token ids follow DESIGN.md: ``<NULL>`` = 0 (padding), ``<START>`` = 1, ``<END>`` = 2, ``<UNK>`` = 3.
+Token ids are fixed (docs/architecture.md, "Contracts"): ``<NULL>`` = 0 (padding), ``<START>`` = 1,
+``<END>`` = 2, ``<UNK>`` = 3. Every conversion between ids and words in the project goes through
+:class:`Vocabulary`.
 """
 
 from __future__ import annotations
@@ -136,6 +138,19 @@ class Vocabulary:
                 raise ValueError(f"Token id {i} is outside this vocabulary of {len(self)} words.")
             words.append(self.idx_to_word[i])
         return " ".join(words)
+
+    def words(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        """The tokens a decoder emitted, up to and including ``<END>``, one per decoding step (what an
+        attention map is drawn for); stops at ``<NULL>`` padding."""
+        ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        words = []
+        for i in map(int, ids):
+            if i == self.null_id:
+                break
+            words.append(self.idx_to_word[i])
+            if i == self.end_id:
+                break
+        return words
 
     def decode_batch(self, ids: torch.Tensor) -> list[str]:
         """(N, L) ids -> N strings, each decoded as in :meth:`decode`."""

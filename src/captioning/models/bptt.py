@@ -1,5 +1,4 @@
-"""Hand-written backward passes: backpropagation through time for the recurrent cores, and the fused
-vocabulary projection + temporal softmax loss.
+"""Hand-written backward passes: backpropagation through time for the recurrent cores.
 
 ``rnn_forward_manual``, ``lstm_forward_manual`` and ``attention_lstm_forward_manual`` compute exactly what
 ``captioning.models.rnn``'s ``rnn_forward``, ``lstm_forward`` and ``attention_lstm_forward`` compute, but
@@ -22,14 +21,9 @@ so only ``da_t @ Wh^T`` (the recurrence itself) remains inside the backward loop
   few in-place element-wise ops and one matmul.
 - On CPU, tanh of large tensors is computed as 2 sigmoid(2x) - 1: torch's tanh kernel costs ~6x a sigmoid.
 
-``linear_temporal_softmax_loss`` fuses ``scores = h W^T + b`` with ``temporal_softmax_loss``: it only
-projects the non-``<NULL>`` positions, works through them in row chunks so the (N*T, V) score matrix never
-exists, and computes the gradients of h, W and b while the chunk's scores are at hand (softmax minus
-one-hot, in place), so backward only scales them by the incoming gradient.
-
 All of them work in any float dtype. Under autocast they run in the autocast dtype (as autocast would run
-the matmuls); the fused loss then falls back to the unfused autograd form. The hand-written backward is
-not itself differentiable (no double backward).
+the matmuls). The hand-written backward is not itself differentiable (no double backward). The fused
+vocabulary projection + loss, the other hand-written backward, is in :mod:`captioning.models.loss`.
 """
 
 from __future__ import annotations
@@ -39,15 +33,11 @@ import math
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.nn import functional as F
-
-from .loss import temporal_softmax_loss
 
 __all__ = [
     "rnn_forward_manual",
     "lstm_forward_manual",
     "attention_lstm_forward_manual",
-    "linear_temporal_softmax_loss",
 ]
 
 
@@ -167,7 +157,7 @@ def _tanh(t: Tensor, out: Tensor) -> Tensor:
 def _lstm_cell_forward(a: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, h: Tensor) -> None:
     """In place: pre-activations a (N, 4H) -> gate activations; writes c (N, H) and h (N, H).
 
-    tanh_c (N, H) is scratch space. Gates are packed i, f, o, g (DESIGN.md); on CPU g = tanh(a_g) is
+    tanh_c (N, H) is scratch space. Gates are packed i, f, o, g (the courses' order); on CPU g = tanh(a_g) is
     computed as 2 sigmoid(2 a_g) - 1 so that one sigmoid pass covers all four gates.
     """
     H = c.shape[1]
@@ -382,98 +372,3 @@ def attention_lstm_forward_manual(
     tensors, device_type = _prepare("attention_lstm_forward_manual", (x, A, Wx, Wh, Wattn, b))
     with torch.autocast(device_type, enabled=False):
         return _AttentionLSTMFunction.apply(*tensors)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fused vocabulary projection + temporal softmax loss
-_CHUNK_ELEMENTS = 1 << 22  # scores per chunk: 16 MiB in float32, reused by the allocator between chunks
-
-
-class _LinearSoftmaxLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, ignore_index: int, per_token: bool,
-        batch: int,
-    ) -> Tensor:
-        """h (M, H) rows, targets (M,); the sum of -log p(target) / (kept rows if per_token else batch)."""
-        need_dh, need_dW, need_db = ctx.needs_input_grad[:3]
-        need_grad = need_dh or need_dW or need_db
-        V = weight.shape[0]
-        rows = (targets != ignore_index).nonzero().squeeze(1)  # only kept positions are projected at all
-        h_kept, t_kept = h.index_select(0, rows), targets.index_select(0, rows)
-        K = rows.shape[0]
-        denom = float(max(K, 1)) if per_token else float(batch)
-        chunk = max(1, min(K, _CHUNK_ELEMENTS // V))
-        total = h.new_zeros(())
-        dh_kept = torch.empty_like(h_kept) if need_dh else None
-        dW = torch.zeros_like(weight) if need_dW else None
-        db = torch.zeros_like(bias) if need_db else None
-        buffer = h.new_empty(chunk, V)
-        for start in range(0, K, chunk):
-            hc, tc = h_kept[start : start + chunk], t_kept[start : start + chunk]
-            s = buffer[: hc.shape[0]]
-            torch.addmm(bias, hc, weight.t(), out=s)
-            target_scores = s.gather(1, tc.unsqueeze(1))
-            m = s.amax(dim=1, keepdim=True)
-            sumexp = s.sub_(m).exp_().sum(dim=1, keepdim=True)
-            # -log p(target) = log sum exp(s) - s_target
-            total += (m + sumexp.log() - target_scores).sum()
-            if not need_grad:
-                continue
-            # d loss / d scores = (softmax - one_hot) / denominator, made in place from exp(s - m)
-            s.mul_(sumexp.reciprocal_().mul_(1.0 / denom))
-            s[torch.arange(s.shape[0], device=s.device), tc] -= 1.0 / denom
-            if need_dh:
-                torch.mm(s, weight, out=dh_kept[start : start + chunk])
-            if need_dW:
-                dW.addmm_(s.t(), hc)
-            if need_db:
-                db += s.sum(dim=0)
-        dh = None
-        if need_dh:
-            dh = torch.zeros_like(h).index_copy_(0, rows, dh_kept)
-        ctx.save_for_backward(*(t for t in (dh, dW, db) if t is not None))
-        ctx.has = (need_dh, need_dW, need_db)
-        return total / denom
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: Tensor) -> tuple:
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_loss if has else None for has in ctx.has]
-        return (*grads, None, None, None, None)
-
-
-def linear_temporal_softmax_loss(
-    h: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    targets: Tensor,
-    ignore_index: int = 0,
-    normalize: str = "batch",
-) -> Tensor:
-    """``temporal_softmax_loss(h @ weight.T + bias, targets, ignore_index, normalize)`` without the scores.
-
-    h (N, T, H), weight (V, H), bias (V,) (an ``nn.Linear(H, V)``'s parameters), targets (N, T) -> scalar
-    loss, differentiable in h, weight and bias (not twice). Positions whose target is ``ignore_index`` are
-    never projected. Under autocast, or for dtypes other than float32/float64, it computes the unfused
-    form with autograd instead (the softmax of the fused form runs in the input dtype).
-    """
-    if h.dim() != 3 or targets.shape != h.shape[:2] or weight.dim() != 2 or weight.shape[1] != h.shape[2]:
-        raise ValueError(
-            f"linear_temporal_softmax_loss expects h (N, T, H), targets (N, T), weight (V, H); got h "
-            f"{tuple(h.shape)}, targets {tuple(targets.shape)}, weight {tuple(weight.shape)}."
-        )
-    if normalize not in ("batch", "tokens"):
-        raise ValueError(f"normalize must be 'batch' or 'tokens', got {normalize!r}.")
-    fusable = (
-        h.dtype in (torch.float32, torch.float64)
-        and weight.dtype == h.dtype == bias.dtype
-        and not torch.is_autocast_enabled(h.device.type)
-    )
-    if not fusable:
-        return temporal_softmax_loss(F.linear(h, weight, bias), targets, ignore_index, normalize)
-    N, T, H = h.shape
-    return _LinearSoftmaxLossFunction.apply(
-        h.reshape(N * T, H), weight, bias, targets.reshape(N * T), ignore_index, normalize == "tokens", N
-    )

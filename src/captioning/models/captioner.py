@@ -1,4 +1,9 @@
-"""The recurrent captioning decoder: image features -> word scores -> captions."""
+"""The recurrent captioning decoder: image features -> word scores (the courses' model).
+
+``CaptioningRNN`` holds the math: the initial state from the image (``init_state``), one step of the
+hand-written core (``step``) and the teacher-forced loss over a whole caption (``forward``). Turning it into
+captions — greedy, beam search, sampling — is :mod:`captioning.models.decoding`'s job.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .bptt import linear_temporal_softmax_loss
-from .loss import temporal_softmax_loss
+from .loss import linear_temporal_softmax_loss, temporal_softmax_loss
 from .rnn import LSTM, RNN, AttentionLSTM
 
 __all__ = ["CaptioningRNN", "DecoderState", "CELL_TYPES"]
@@ -55,7 +59,7 @@ class CaptioningRNN(nn.Module):
         hidden_dim: H, the size of the recurrent state.
         cell_type: ``"rnn"``, ``"lstm"`` or ``"attention"``.
         dropout: dropout on the word embeddings and on the hidden states before the vocabulary projection.
-        null_id, start_id, end_id: the special tokens' ids (DESIGN.md: 0, 1, 2).
+        null_id, start_id, end_id: the special tokens' ids (the vocabulary's: 0, 1, 2).
         loss_normalize: ``"batch"`` (sum over tokens / N, the courses' convention) or ``"tokens"``.
         backward: how the recurrent core is differentiated, ``"autograd"`` or ``"manual"`` (hand-written
             BPTT, ``captioning.models.bptt``); the same numbers either way.
@@ -200,42 +204,3 @@ class CaptioningRNN(nn.Module):
         scores = self.vocab_proj(state.h)
         scores[:, [self.null_id, self.start_id]] = float("-inf")
         return scores, state, weights
-
-    @torch.no_grad()
-    def sample(self, features: Tensor, max_length: int = 16) -> tuple[Tensor, Tensor | None]:
-        """Greedy decoding, batched over the N images.
-
-        Starts every row from ``<START>``, feeds back its own most likely word, and stops each row at its
-        own ``<END>`` (kept in the output); the rest of an ended row is ``<NULL>``. The loop stops as soon as
-        every row has ended.
-
-        Returns captions (N, max_length) without ``<START>``, and for ``attention`` the attention weights
-        (N, max_length, h, w) of every step (zeros after a row's end), else None.
-        """
-        captions, _, attn_weights = self.greedy(features, max_length)
-        return captions, attn_weights
-
-    @torch.no_grad()
-    def greedy(self, features: Tensor, max_length: int = 16) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``sample`` that also returns each caption's log-probability (N,), summed as it decodes."""
-        N = features.shape[0]
-        state = self.init_state(features)
-        words = features.new_full((N,), self.start_id, dtype=torch.long)
-        captions = features.new_full((N, max_length), self.null_id, dtype=torch.long)
-        log_probs = features.new_zeros(N, dtype=torch.float32)
-        attn_weights = None
-        if state.A is not None:
-            attn_weights = features.new_zeros((N, max_length, *state.A.shape[2:]))
-        done = torch.zeros(N, dtype=torch.bool, device=features.device)
-        for t in range(max_length):
-            scores, state, weights = self.step(words, state)
-            best, words = scores.float().log_softmax(dim=1).max(dim=1)
-            words = words.masked_fill(done, self.null_id)
-            log_probs += best.masked_fill(done, 0.0)
-            captions[:, t] = words
-            if weights is not None:
-                attn_weights[:, t] = weights.masked_fill(done.view(N, 1, 1), 0.0)
-            done = done | (words == self.end_id)
-            if bool(done.all()):
-                break
-        return captions, log_probs, attn_weights

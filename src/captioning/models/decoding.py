@@ -1,12 +1,15 @@
 """Caption decoders over a ``CaptioningRNN``: greedy, beam search and sampling, all batched.
 
-Each returns a ``Decoded``: captions (N, L) without ``<START>``, ending in ``<END>`` where the model ended
-them and padded with ``<NULL>``; the sequence log-probabilities (N,); and for the attention model the
-attention weights (N, L, h, w) of every emitted word (else None).
+The one home of decoding: greedy decoding and sampling are the argmax and the draw of one step-by-step
+loop (:func:`step_decode`), beam search keeps K hypotheses per image. Each returns a ``Decoded``: captions
+(N, L) without ``<START>``, ending in ``<END>`` where the model ended them and padded with ``<NULL>``; the
+sequence log-probabilities (N,); and for the attention model the attention weights (N, L, h, w) of every
+emitted word (else None).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -14,7 +17,8 @@ from torch import Tensor
 
 from .captioner import CaptioningRNN, DecoderState
 
-__all__ = ["Decoded", "CaptionDecoder", "greedy_decode", "beam_search", "sample_decode", "sequence_log_probs"]
+__all__ = ["Decoded", "CaptionDecoder", "step_decode", "greedy_decode", "beam_search", "sample_decode",
+           "sequence_log_probs"]
 
 STRATEGIES = ("greedy", "beam", "sample")
 
@@ -23,6 +27,10 @@ class Decoded(NamedTuple):
     captions: Tensor
     log_probs: Tensor
     attn_weights: Tensor | None
+
+
+# log-probabilities of the next word (N, V) -> (the words picked (N,), their log-probabilities (N,))
+Picker = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
@@ -42,9 +50,46 @@ def sequence_log_probs(model: CaptioningRNN, features: Tensor, captions: Tensor)
 
 
 @torch.no_grad()
+def step_decode(model: CaptioningRNN, features: Tensor, max_length: int, pick: Picker) -> Decoded:
+    """The decoding loop every left-to-right decoder shares, batched over the N images.
+
+    Starts each row from ``<START>``, feeds back the word ``pick`` chooses from the step's log-probabilities
+    (N, V), and stops each row at its own ``<END>`` (kept in the output); the rest of an ended row is
+    ``<NULL>``. The loop ends as soon as every row has ended. ``pick(log_probs) -> (words (N,), their
+    log-probability (N,))``: the argmax for greedy decoding, a draw for sampling.
+    """
+    N = features.shape[0]
+    state = model.init_state(features)
+    words = features.new_full((N,), model.start_id, dtype=torch.long)
+    captions = features.new_full((N, max_length), model.null_id, dtype=torch.long)
+    total = features.new_zeros(N, dtype=torch.float32)
+    attn = None
+    done = torch.zeros(N, dtype=torch.bool, device=features.device)
+    for t in range(max_length):
+        scores, state, weights = model.step(words, state)
+        words, chosen = pick(scores.float().log_softmax(dim=1))
+        words = words.masked_fill(done, model.null_id)
+        total += chosen.masked_fill(done, 0.0)
+        captions[:, t] = words
+        if weights is not None:
+            if attn is None:
+                attn = features.new_zeros((N, max_length, *weights.shape[1:]))
+            attn[:, t] = weights.masked_fill(done.view(N, 1, 1), 0.0)
+        done = done | (words == model.end_id)
+        if bool(done.all()):
+            break
+    return Decoded(captions, total, attn)
+
+
+def _argmax(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    best, words = log_probs.max(dim=1)
+    return words, best
+
+
+@torch.no_grad()
 def greedy_decode(model: CaptioningRNN, features: Tensor, max_length: int = 16) -> Decoded:
-    """The most likely word at every step (``CaptioningRNN.greedy``), with its log-probability."""
-    return Decoded(*model.greedy(features, max_length))
+    """The most likely word at every step, with the caption's log-probability summed as it decodes."""
+    return step_decode(model, features, max_length, _argmax)
 
 
 @torch.no_grad()
@@ -131,33 +176,21 @@ def sample_decode(
     top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> Decoded:
-    """Ancestral sampling from ``softmax(scores / temperature)``, restricted to the top_k words if top_k > 0."""
-    N = features.shape[0]
-    state = model.init_state(features)
-    words = features.new_full((N,), model.start_id, dtype=torch.long)
-    captions = features.new_full((N, max_length), model.null_id, dtype=torch.long)
-    total = features.new_zeros(N, dtype=torch.float32)
-    attn = None
-    done = torch.zeros(N, dtype=torch.bool, device=features.device)
-    for t in range(max_length):
-        logits, state, weights = model.step(words, state)
-        logits = logits.float() / temperature
+    """Ancestral sampling from ``softmax(scores / temperature)``, restricted to the top_k words if top_k > 0.
+
+    The log-probabilities are those of the distribution sampled from (tempered, top-k).
+    """
+
+    def draw(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+        logits = log_probs / temperature
         if top_k > 0:
             kth = logits.topk(min(top_k, logits.shape[1]), dim=1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        log_probs = logits.log_softmax(dim=1)
-        words = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
-        words = words.masked_fill(done, model.null_id)
-        total += log_probs.gather(1, words.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0)
-        captions[:, t] = words
-        if weights is not None:
-            if attn is None:
-                attn = features.new_zeros((N, max_length, *weights.shape[1:]))
-            attn[:, t] = weights.masked_fill(done.view(N, 1, 1), 0.0)
-        done = done | (words == model.end_id)
-        if bool(done.all()):
-            break
-    return Decoded(captions, total, attn)
+        tempered = logits.log_softmax(dim=1)
+        words = torch.multinomial(tempered.exp(), 1, generator=generator).squeeze(1)
+        return words, tempered.gather(1, words.unsqueeze(1)).squeeze(1)
+
+    return step_decode(model, features, max_length, draw)
 
 
 class CaptionDecoder:
