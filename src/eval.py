@@ -43,9 +43,6 @@ from captioning.utils import instantiate_dict, print_config, resolve_ckpt_path, 
 log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
-# DataModule arguments that say how to load, not what the data is: always the eval config's.
-LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "progress",
-                         "feature_cache", "cache_dir", "feature_dtype", "on_bad_image", "max_image_pixels"})
 METRIC_ORDER = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
 
 
@@ -69,10 +66,10 @@ def data_from_checkpoint(data: DictConfig, saved: Mapping[str, Any], explicit: s
     """The DataModule config the checkpoint was trained with: its ``_target_`` and values, with this
     config's loader settings (batch size, workers...) and the ``data.*`` given on the command line."""
     target = saved["_target_"]
-    params = _parameters(target)
+    params, loader = _parameters(target), _loader_arguments(target)
     rebuilt = OmegaConf.create({"_target_": target})
     for key in params:
-        if key in data and (key in LOADER_KEYS or key in explicit):
+        if key in data and (key in loader or key in explicit):
             rebuilt[key] = data[key]
     unknown = explicit - set(params)
     if unknown:
@@ -87,6 +84,11 @@ def _parameters(target: str) -> list[str]:
     return [p for p in inspect.signature(get_class(target).__init__).parameters if p != "self"]
 
 
+def _loader_arguments(target: str) -> set[str]:
+    """The DataModule's own list of arguments that say how to load (``LOADER_ARGUMENTS``), not what."""
+    return set(getattr(get_class(target), "LOADER_ARGUMENTS", ()))
+
+
 def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[str], group: str) -> list[str]:
     """Set the data-defining arguments of ``data`` from the checkpoint's DataModule hyperparameters, in place.
 
@@ -94,8 +96,8 @@ def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[
     in ``explicit``. Returns the keys taken. Raises ValueError when the checkpoint's DataModule was
     another kind (the target needs arguments it never had), naming the group to pass instead.
     """
-    params = _parameters(data._target_)
-    wanted = [p for p in params if p not in LOADER_KEYS and p not in explicit]
+    params, loader = _parameters(data._target_), _loader_arguments(data._target_)
+    wanted = [p for p in params if p not in loader and p not in explicit]
     missing = [p for p in wanted if p not in saved]
     if missing:
         raise ValueError(

@@ -12,7 +12,8 @@ from omegaconf import open_dict
 from captioning.utils import instantiate_callbacks, instantiate_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("data", "model", "encoder", "trainer", "logger", "callbacks", "debug", "experiment", "hparams_search")
+GROUPS = ("data", "model", "encoder", "decoding", "trainer", "logger", "callbacks", "debug", "experiment",
+          "hparams_search")
 
 
 def options(group):

@@ -428,3 +428,12 @@ def test_coco_karpathy_config_instantiates(tmp_path):
     dm.prepare_data()
     dm.setup("test")
     assert len(dm.datasets["test"]) == 1
+
+
+def test_loader_arguments_are_constructor_arguments():
+    """eval.py takes these from its own config, the others from the checkpoint: the list must name real ones."""
+    import inspect
+
+    for cls in (CocoCaptionsDataModule, ShapesDataModule):
+        params = set(inspect.signature(cls.__init__).parameters)
+        assert set(cls.LOADER_ARGUMENTS) <= params, set(cls.LOADER_ARGUMENTS) - params

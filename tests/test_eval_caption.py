@@ -97,7 +97,7 @@ def test_eval_val_greedy_smoke(tiny_runs, lstm_ckpt):
     predictions, metrics = evaluate(tiny_runs / "eval_val", lstm_ckpt, *official)
     check_predictions(predictions, split_ids(tiny_runs / "shapes", "val"))
     assert metrics["split"] == "val" and metrics["num_images"] == NUM_VAL
-    assert metrics["decoding"]["beam_size"] == 1
+    assert metrics["decoding"]["strategy"] == "greedy"
     assert metrics["checkpoint"] == str(lstm_ckpt)
     assert set(metrics["fast"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
     assert metrics["seconds"]["decode_and_fast_metrics"] > 0
@@ -112,7 +112,7 @@ def test_eval_val_greedy_smoke(tiny_runs, lstm_ckpt):
 @pytest.mark.slow
 def test_eval_test_split_beam3(tiny_runs, lstm_ckpt):
     predictions, metrics = evaluate(tiny_runs / "eval_test_beam3", lstm_ckpt, "split=test",
-                                    "decoding.beam_size=3", "meteor=false")
+                                    "decoding=beam", "meteor=false")
     check_predictions(predictions, split_ids(tiny_runs / "shapes", "test"))
     assert metrics["split"] == "test" and metrics["decoding"]["beam_size"] == 3
     if HAS_JAVA:
@@ -182,7 +182,7 @@ def test_caption_beam_never_less_likely_than_greedy(tiny_runs, lstm_ckpt, image_
     files = sorted(str(p) for p in image_folder.glob("0*.jpg"))
     listed = "images=[" + ",".join(files) + "]"
     _, greedy = caption(tiny_runs / "caption_greedy", lstm_ckpt, listed)
-    _, beam = caption(tiny_runs / "caption_beam", lstm_ckpt, listed, "decoding.beam_size=3")
+    _, beam = caption(tiny_runs / "caption_beam", lstm_ckpt, listed, "decoding=beam")
     assert [c["file"] for c in greedy] == [c["file"] for c in beam] == files
     for g, b in zip(greedy, beam, strict=True):
         assert b["log_prob"] >= g["log_prob"] - 1e-4

@@ -99,11 +99,11 @@ def _child_of_rank(pid: int, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def make_module(vocab=VOCAB, cell_type="lstm", lr=1e-3, **kwargs) -> CaptioningModule:
+def make_module(vocab=VOCAB, cell_type="lstm", lr=1e-3, dropout=0.0, image_input=False, **kwargs) -> CaptioningModule:
     return CaptioningModule(
         encoder={"_target_": "captioning.models.encoder.SmallCNN", "out_dim": 16, "channels": [4, 8]},
         decoder={"_target_": "captioning.models.CaptioningRNN", "cell_type": cell_type, "wordvec_dim": 8,
-                 "hidden_dim": 16},
+                 "hidden_dim": 16, "dropout": dropout, "image_input": image_input},
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
         vocab=vocab, **kwargs,
     )
@@ -278,6 +278,9 @@ def test_resuming_a_checkpoint_of_another_model_or_vocabulary_is_a_clear_error(t
     checkpoint = torch.load(path, weights_only=True)
     with pytest.raises(ValueError, match=r"model.cell_type \(checkpoint: 'lstm', config: 'attention'\)"):
         make_module(cell_type="attention").on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"model.image_input \(checkpoint: False, config: True\)"):
+        make_module(image_input=True).on_load_checkpoint(checkpoint)  # another input size for the core
+    make_module(dropout=0.3).on_load_checkpoint(checkpoint)  # what does not shape the weights may change
     with pytest.raises(ValueError, match=r"vocabulary \(9 words\) differs from the data's \(10 words\)"):
         make_module(vocab=[*VOCAB, "green"]).on_load_checkpoint(checkpoint)
     # through the Trainer, before any weight is touched
@@ -336,7 +339,7 @@ def test_explain_errors_prints_the_innermost_cause_with_its_key(capsys, monkeypa
     ("override", "expected"),
     [
         ("model.cell_type=gru", "Unknown cell_type 'gru'; choose one of rnn, lstm, attention (model.cell_type)"),
-        ("decoding.beam_size=0", "config key module (captioning.models.decoding.CaptionDecoder): ValueError: "
+        ("decoding=beam decoding.beam_size=0", "config key module (captioning.models.decoding.CaptionDecoder): ValueError: "
                                  "decoding.beam_size=0 is out of range"),
         # each costs a subprocess (~7 s of CPU): the rest run with -m slow
         pytest.param("model.hidden_dim=-1", "hidden_dim must be a positive integer, got -1", marks=pytest.mark.slow),
@@ -347,7 +350,7 @@ def test_explain_errors_prints_the_innermost_cause_with_its_key(capsys, monkeypa
     ],
 )
 def test_config_errors_through_the_entry_point(tmp_path, override, expected):
-    proc = train(tiny(tmp_path, "debug=fdr", override), check=False)
+    proc = train(tiny(tmp_path, "debug=fdr", *override.split()), check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-3000:]
     assert expected in output, output[-3000:]

@@ -24,12 +24,6 @@ from .models.decoding import CaptionDecoder, Decoded
 __all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint"]
 
 NONFINITE_POLICIES = ("fail", "skip")
-# The config keys that shape the weights: a resume must match the checkpoint in these (dropout, freezing,
-# the loss normalisation... may change).
-ARCHITECTURE_KEYS = {
-    "decoder": ("_target_", "cell_type", "wordvec_dim", "hidden_dim", "feature_pool", "feature_grid", "image_input"),
-    "encoder": ("_target_", "name", "out_dim", "channels", "batch_norm", "coordinates", "depth"),
-}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,26 +161,33 @@ class CaptioningModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_format(checkpoint)
         saved_hparams = checkpoint["hyper_parameters"]
-        differences = []
-        for part, group in (("decoder", "model"), ("encoder", "encoder")):
-            saved, configured = saved_hparams.get(part) or {}, self.hparams[part] or {}
-            differences += [
-                f"{group}.{key} (checkpoint: {saved.get(key)!r}, config: {configured.get(key)!r})"
-                for key in ARCHITECTURE_KEYS[part] if saved.get(key) != configured.get(key)
-            ]
-        if differences:
-            raise ValueError(
-                f"The checkpoint's model differs from the configured one in {'; '.join(differences)}. Its weights "
-                "only fit the model it was trained as: run with the same model/encoder options (the "
-                "checkpoint's run dir has them in config.yaml), or evaluate it with src/eval.py, which rebuilds "
-                "the model from the checkpoint alone."
-            )
         saved = saved_hparams.get("vocab")
         if saved is not None and self.vocab is not None and saved != self.vocab.idx_to_word:
             raise ValueError(
                 f"The checkpoint's vocabulary ({len(saved)} words) differs from the data's ({len(self.vocab)} "
                 "words): resume or evaluate it on the data set (and data.min_word_count / data.max_length) it "
                 "was trained on."
+            )
+        if self.decoder is None:
+            return
+        # Whether the weights fit is the weights' business (dropout, freezing, the loss may change between
+        # runs); when they do not, the config keys that differ say why.
+        own, weights = self.state_dict(), checkpoint["state_dict"]
+        unfit = sorted(set(own) ^ set(weights)) + sorted(
+            k for k in set(own) & set(weights) if tuple(own[k].shape) != tuple(weights[k].shape))
+        if unfit:
+            differences = [
+                f"{group}.{key} (checkpoint: {before.get(key)!r}, config: {now.get(key)!r})"
+                for part, group in (("decoder", "model"), ("encoder", "encoder"))
+                for before, now in [(saved_hparams.get(part) or {}, self.hparams[part] or {})]
+                for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)
+            ]
+            raise ValueError(
+                f"The checkpoint's weights do not fit the configured model ({len(unfit)} tensors differ, e.g. "
+                f"{', '.join(unfit[:3])}); the model configs differ in {'; '.join(differences) or 'nothing'}. Its "
+                "weights only fit the model it was trained as: run with the same model/encoder options (the "
+                "checkpoint's run dir has them in config.yaml), or evaluate it with src/eval.py, which rebuilds "
+                "the model from the checkpoint alone."
             )
 
     # ---------------------------------------------------------------------------------------------

@@ -94,6 +94,11 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         progress: show a progress bar while building the feature cache.
     """
 
+    # the arguments that say how to load, not what the data is: evaluating a checkpoint takes the data's
+    # other arguments from the checkpoint and these from its own config (eval.py)
+    LOADER_ARGUMENTS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "progress",
+                        "feature_cache", "cache_dir", "feature_dtype", "on_bad_image", "max_image_pixels")
+
     def __init__(self, root: str, year: str = "2017", train_split: str = "train", val_split: str = "val",
                  test_split: str | None = "test", image_size: int = 224, max_length: int = 16,
                  min_word_count: int = 5, vocab_path: str | None = None, batch_size: int = 64,
