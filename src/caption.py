@@ -14,7 +14,6 @@ and the attention map of every word.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image
 
 from captioning.data.images import BadImageError
 from captioning.data.transforms import ImagePipeline
+from captioning.io import write_json
 from captioning.module import load_checkpoint
 from captioning.utils import resolve_ckpt_path, save_config
 from captioning.visualize import attention_overlay
@@ -175,8 +175,7 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
             f"None of the {len(files)} file(s) given by images={cfg.images} could be captioned: no readable "
             "image among them (see the warnings above). Pass image files or a folder holding some."
         )
-    target = output_dir / "captions.json"
-    target.write_text(json.dumps(results, indent=2))
+    target = write_json(output_dir / "captions.json", results)
     skipped = len(files) - len(results)
     log.info("Captioned %d image(s)%s; wrote %s%s.", len(results), f", skipped {skipped}" if skipped else "",
              target, f" and {output_dir / 'attention'}/" if attention_maps else "")

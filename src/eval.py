@@ -20,7 +20,6 @@ the DataModule's constructor. The data set's parameters come from the checkpoint
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from captioning.io import write_json
 from captioning.metrics import CaptionScorer, coco_caption_eval
 from captioning.module import load_checkpoint
 from captioning.utils import instantiate_dict, print_config, resolve_ckpt_path, save_config
@@ -109,13 +109,6 @@ def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[
         for key in wanted:
             data[key] = saved[key]
     return wanted
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write atomically, so an interrupted run never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
 
 
 def print_table(fast: Mapping[str, float], official: Mapping[str, float] | None, title: str,

@@ -222,7 +222,7 @@ def test_named_weights_load_from_the_cache(tmp_path: Path) -> None:
 
 def test_named_weights_download_is_off_by_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probed = []
-    monkeypatch.setattr(encoder_module, "_reachable", lambda *a: probed.append(a) or True)
+    monkeypatch.setattr(encoder_module, "reachable", lambda *a: probed.append(a) or True)
     with pytest.raises(FileNotFoundError, match="download=False"):
         TorchvisionEncoder("mobilenet_v2", weights="DEFAULT", cache_dir=tmp_path, download=False)
     assert not probed

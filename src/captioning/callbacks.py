@@ -6,7 +6,6 @@ The W&B callbacks do nothing unless the trainer has a W&B logger, so they can st
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter, deque
@@ -22,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .data.images import load_image
+from .io import write_json
 from .loggers import find_wandb_logger
 from .metrics import CaptionScorer, corpus_bleu, tokenize
 from .visualize import attention_overlay
@@ -132,10 +132,7 @@ class RunReport(L.Callback):
             self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.report, indent=2))
-        tmp.replace(self.path)
+        write_json(self.path, self.report)
 
     def _print(self, references: dict[int, list[str]], predictions: dict[int, str],
                verdicts: dict[int, str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import socket
 import sys
 from argparse import Namespace
 from collections.abc import Mapping
@@ -15,6 +14,8 @@ from urllib.parse import urlsplit
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import OmegaConf
+
+from .io import reachable
 
 __all__ = ["WandbLogger", "resolve_wandb_mode", "find_wandb_logger", "hydra_run_labels"]
 
@@ -34,14 +35,6 @@ def _has_api_key(host: str) -> bool:
         return False
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def resolve_wandb_mode(mode: str = "auto") -> str:
     """``auto`` -> ``online`` with an API key and a reachable server, else ``offline``.
 
@@ -56,7 +49,7 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
         return mode
     url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
-    return "online" if _has_api_key(host) and _reachable(host, port) else "offline"
+    return "online" if _has_api_key(host) and reachable(host, port) else "offline"
 
 
 def hydra_run_labels() -> dict[str, Any]:

@@ -8,10 +8,11 @@ from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironme
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 
-__all__ = ["check_sweep", "optimized_value"]
+__all__ = ["check_sweep", "in_multirun", "optimized_value"]
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this is a job of a Hydra multirun (``-m``)."""
     return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
@@ -27,7 +28,7 @@ def _devices_per_node(trainer: DictConfig) -> int:
 
 def check_sweep(cfg: DictConfig) -> None:
     """Refuse the multirun + multi-device trap and an Optuna direction that contradicts the metric."""
-    if not _in_multirun():
+    if not in_multirun():
         return
     trainer, metric = cfg.trainer, str(cfg.get("optimized_metric") or "")
     devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto"))
@@ -64,7 +65,7 @@ def optimized_value(metrics: dict[str, float], name: str | None) -> float | None
             "Set optimized_metric to one of the validation metrics (val/cider, val/bleu4, val/loss...); a run "
             "without validation (trainer.limit_val_batches=0) has none."
         )
-        if _in_multirun():
+        if in_multirun():
             raise ValueError(message)
         rank_zero_warn(message)
         return None

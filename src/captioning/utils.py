@@ -22,6 +22,7 @@ from rich.syntax import Syntax
 
 from .checkpointing import read_checkpoint
 from .module import NonFiniteLossError
+from .sweeps import in_multirun
 
 __all__ = ["instantiate_dict", "instantiate_callbacks", "has_split", "print_config", "save_config", "resolve_ckpt_path", "explain_errors", "seed_everything"]
 
@@ -124,17 +125,11 @@ def explain_errors(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             _print_error(_explain(error))
-            if _in_multirun():
+            if in_multirun():
                 raise  # Hydra records the failed job and goes on with the sweep; exiting would end it
             sys.exit(1)
 
     return wrapped
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
 def _explain(error: BaseException) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from captioning.data.images import BadImage
 from captioning.data.locking import file_lock
+from captioning.io import write_json
 
 __all__ = [
     "FEATURE_DTYPES",
@@ -84,15 +84,7 @@ def cache_directory(cache_dir: str | os.PathLike, key: Mapping[str, Any], label:
 
 # ---------------------------------------------------------------------------------------------- files
 def _write_json(path: Path, value: Any) -> None:
-    """Atomically: a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, value, indent=None)
 
 
 def _read_json(path: Path) -> Any:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from captioning.io import write_json
 
 _NOT_WORD_CHARS = re.compile(r"[^a-z0-9 ]")
 
@@ -178,20 +179,10 @@ class Vocabulary:
 
         The file appears complete or not at all, so a reader on another rank never sees half of it.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload: dict[str, Any] = self.to_dict()
         if metadata:
             payload["metadata"] = metadata
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json(path, payload, indent=1)
 
     @staticmethod
     def _read_json(path: Path) -> Any:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,8 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import Tensor, nn
+
+from captioning.io import reachable
 
 
 class SmallCNN(nn.Module):
@@ -307,7 +307,7 @@ def _download(url: str, path: Path, name: str, weights: str, download: bool, tim
     if not download:
         raise FileNotFoundError(f"{instructions} (Downloading is switched off: download=False.)")
     host = urlparse(url)
-    if not _reachable(host.hostname or "", host.port or 443, timeout):
+    if not reachable(host.hostname or "", host.port or 443, timeout):
         raise FileNotFoundError(f"{instructions} (The weights host {host.hostname} is not reachable.)")
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = re.search(r"-([a-f0-9]+)\.", path.name)
@@ -317,24 +317,6 @@ def _download(url: str, path: Path, name: str, weights: str, download: bool, tim
         torch.hub.download_url_to_file(url, str(path), hash_prefix=digest.group(1) if digest else None)
     except (OSError, RuntimeError) as error:
         raise FileNotFoundError(f"{instructions} (The download failed: {error}.)") from None
-
-
-def _reachable(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connection to host:port opens within ``timeout`` seconds (DNS included)."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    # DNS lookups ignore socket timeouts; a daemon thread bounds the whole probe.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
