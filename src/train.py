@@ -1,7 +1,8 @@
 """Train a captioner: ``python src/train.py [group=option ...] [key=value ...]``.
 
 Composes the run from conf/ (train.yaml and its groups), then fits, tests the best checkpoint and
-returns the optimised metric (for sweeps).
+returns the optimised metric (for sweeps). ``train(cfg)`` is the whole run on a composed config, for code
+(and tests) that compose their own.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from captioning.utils import (
 )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@explain_errors
-def main(cfg: DictConfig) -> float | None:
-    check_sweep(cfg)
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) as ``cfg`` says; the metrics the trainer had at the end of fitting."""
     print_config(cfg)
     save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
     seed_everything(cfg.get("seed"))
@@ -61,7 +60,14 @@ def main(cfg: DictConfig) -> float | None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.finish()
-    return optimized_value(metrics, cfg.get("optimized_metric"))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@explain_errors
+def main(cfg: DictConfig) -> float | None:
+    check_sweep(cfg)
+    return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
 
 
 def test_merge_data_config_takes_checkpoint_values_except_explicit_and_loader_keys():
-    merge = load_entry_point("eval").merge_data_config
+    from captioning.evaluation import merge_data_config as merge
     data = OmegaConf.create({"_target_": "captioning.data.shapes.ShapesDataModule", "root": "data/shapes",
                              "num_train": 4000, "num_val": 500, "num_test": 500, "image_size": 64, "seed": 0,
                              "batch_size": 64, "num_workers": 2})
@@ -255,7 +255,7 @@ def test_merge_data_config_takes_checkpoint_values_except_explicit_and_loader_ke
 
 
 def test_collect_images(tmp_path, caplog):
-    collect = load_entry_point("caption").collect_images
+    from captioning.inference import collect_images as collect
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("b.png", "a.JPG", "c.txt", ".hidden.png"):
@@ -310,12 +310,10 @@ def test_attention_overlay_rejects_mismatched_input():
         attention_overlay(image, ["a"], torch.rand(4, 4))
 
 
-def test_one_image_pipeline_for_training_evaluation_and_captioning(tmp_path):
+def test_one_image_pipeline_for_training_evaluation_and_captioning(tmp_path, lstm_ckpt):
     """The same file gives the same tensor in a training batch, in evaluation and in caption.py — odd files
     (transparency, 16-bit, CMYK, greyscale) included, where a plain convert("RGB") would differ."""
     from captioning.data import CocoCaptionsDataModule
-    from captioning.data.transforms import ImagePipeline
-
     root = tmp_path / "coco"
     folder = root / "val2017"
     folder.mkdir(parents=True)
@@ -335,14 +333,17 @@ def test_one_image_pipeline_for_training_evaluation_and_captioning(tmp_path):
     dm = CocoCaptionsDataModule(root=str(root), test_split=None, image_size=24, min_word_count=1, num_workers=0)
     dm.prepare_data()
     dm.setup("fit")
-    caption = load_entry_point("caption")
-    pipeline = ImagePipeline(24)
+    from captioning.inference import Captioner
+
+    captioner = Captioner.from_checkpoint(lstm_ckpt, device="cpu", image_size=24)  # what caption.py builds
+    pipeline = captioner.pipeline
     plain = image_transform_plain(24)
     differs_from_plain = 0
     for k, name in enumerate(names):
         in_training = dm.datasets["train"][k]["image"]  # one caption per image: pair k is image k
         in_evaluation = dm.datasets["val"][k]["image"]  # what eval.py and validation decode
-        in_captioning = pipeline(caption.read_image(pipeline, folder / name))  # what caption.py feeds the model
+        in_captioning = pipeline(captioner.load(folder / name))  # what caption.py feeds the model
+        assert captioner([captioner.load(folder / name)])[0].text  # and captions
         assert torch.equal(in_training, in_evaluation) and torch.equal(in_evaluation, in_captioning), name
         assert torch.equal(dm.image_pipeline()(folder / name), in_captioning)
         with Image.open(folder / name) as image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ class CaptioningModule(L.LightningModule):
         # captions checked against it
         self.grounding: dict[str, GroundingScorer | CocoChair] = {}
         self.predictions: dict[str, dict[int, str]] = {}
+        self.scores: dict[str, dict[str, float]] = {}  # the last validation's / test's metrics
+        self.score_seconds: dict[str, float] = {}
         if vocab is not None:
             self._build_decoder(list(vocab))
 
@@ -272,8 +275,11 @@ class CaptioningModule(L.LightningModule):
         self.predictions[stage] = predictions
         if not predictions or self.trainer.sanity_checking:
             return
+        tic = time.perf_counter()
         scores = self.scorers[stage](predictions)
         scores.update(self.grounding_scores(stage, predictions))
+        # kept as computed (float64): eval.py reports these, so the captions are scored once
+        self.scores[stage], self.score_seconds[stage] = scores, time.perf_counter() - tic
         for name, value in scores.items():
             # Equal on every rank already (computed from the gathered captions): syncing averages equal numbers.
             self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider", "grounding/precision"),

@@ -1,0 +1,129 @@
+"""What eval.py does besides composing: the data config a checkpoint was trained with, and the table.
+
+The checkpoint records its DataModule's class and arguments (``datamodule_target`` and Lightning's
+``datamodule_hyper_parameters``). :func:`checkpoint_data_config` rebuilds the data config from them, so a
+checkpoint alone is enough to evaluate it; the arguments given on the command line (``data.root=`` where the
+data moved) and the DataModule's ``LOADER_ARGUMENTS`` (batch size, workers...) stay the eval config's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["METRIC_ORDER", "checkpoint_data_config", "command_line_data_group", "command_line_data_keys",
+           "data_from_checkpoint", "merge_data_config", "print_table"]
+
+log = logging.getLogger(__name__)
+
+METRIC_ORDER = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
+
+
+def _command_line() -> list[Any]:
+    if not HydraConfig.initialized():
+        return []
+    return OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+
+
+def command_line_data_keys() -> set[str]:
+    """The ``data.<key>`` names set on the command line (they win over the checkpoint's values)."""
+    return {o.key_or_group.split(".")[1] for o in _command_line() if o.key_or_group.startswith("data.")}
+
+
+def command_line_data_group() -> str | None:
+    """The ``data=<option>`` given on the command line, if any."""
+    return next((str(o.value()) for o in _command_line() if o.key_or_group == "data"), None)
+
+
+def data_from_checkpoint(data: DictConfig, saved: Mapping[str, Any], explicit: set[str]) -> DictConfig:
+    """The DataModule config the checkpoint was trained with: its ``_target_`` and values, with this
+    config's loader settings (batch size, workers...) and the ``data.*`` given on the command line."""
+    target = saved["_target_"]
+    params, loader = _parameters(target), _loader_arguments(target)
+    rebuilt = OmegaConf.create({"_target_": target})
+    for key in params:
+        if key in data and (key in loader or key in explicit):
+            rebuilt[key] = data[key]
+    unknown = explicit - set(params)
+    if unknown:
+        raise ValueError(
+            f"data.{sorted(unknown)[0]} is not an argument of the checkpoint's DataModule {target}; its "
+            f"arguments are {', '.join(params)}."
+        )
+    return rebuilt
+
+
+def _parameters(target: str) -> list[str]:
+    return [p for p in inspect.signature(get_class(target).__init__).parameters if p != "self"]
+
+
+def _loader_arguments(target: str) -> set[str]:
+    """The DataModule's own list of arguments that say how to load (``LOADER_ARGUMENTS``), not what."""
+    return set(getattr(get_class(target), "LOADER_ARGUMENTS", ()))
+
+
+def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[str], group: str) -> list[str]:
+    """Set the data-defining arguments of ``data`` from the checkpoint's DataModule hyperparameters, in place.
+
+    Only arguments of ``data._target_``'s constructor are taken, except the loader settings and the keys
+    in ``explicit``. Returns the keys taken. Raises ValueError when the checkpoint's DataModule was
+    another kind (the target needs arguments it never had), naming the group to pass instead.
+    """
+    params, loader = _parameters(data._target_), _loader_arguments(data._target_)
+    wanted = [p for p in params if p not in loader and p not in explicit]
+    missing = [p for p in wanted if p not in saved]
+    if missing:
+        raise ValueError(
+            f"The checkpoint's DataModule does not fit data={group} ({data._target_}): it has no "
+            f"{', '.join(missing)}. It was trained with another data group; pass that one (e.g. data=coco "
+            "data.root=...), or data_from_checkpoint=false with the data.* it was trained with."
+        )
+    with open_dict(data):
+        for key in wanted:
+            data[key] = saved[key]
+    return wanted
+
+
+def print_table(fast: Mapping[str, float], official: Mapping[str, float] | None, title: str,
+                grounding: Mapping[str, float] | None = None) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("fast (validation code)", justify="right")
+    table.add_column("official (pycocoevalcap)", justify="right")
+    for name in METRIC_ORDER:
+        if name in fast or (official and name in official):
+            cells = [f"{m[name]:.4f}" if m and name in m else "-" for m in (fast, official)]
+            table.add_row(name, *cells)
+    # grounded in the image: computed by the validation code only
+    for name, value in (grounding or {}).items():
+        table.add_row(f"grounding/{name}", f"{value:.4f}", "-")
+    Console().print(table)
+
+
+def checkpoint_data_config(cfg: DictConfig, saved: Mapping[str, Any], source: str) -> None:
+    """Set ``cfg.data`` to the data the checkpoint was trained with, in place (see the module docstring).
+
+    ``saved``: the checkpoint's DataModule config (:func:`captioning.module.load_checkpoint`); ``source``
+    names the checkpoint in messages. A ``data=<group>`` on the command line keeps that group's DataModule.
+    """
+    if not saved:
+        log.warning("%s holds no DataModule hyperparameters; using the data config as given.", source)
+        return
+    group = HydraConfig.get().runtime.choices.get("data", "?") if HydraConfig.initialized() else "?"
+    explicit = command_line_data_keys()
+    target = saved.get("_target_")
+    if target and target != cfg.data._target_ and command_line_data_group() is None:
+        # trained with another data group (data=coco): the checkpoint says which, data.* still win
+        with open_dict(cfg):
+            cfg.data = data_from_checkpoint(cfg.data, saved, explicit)
+        group = f"{target.rpartition('.')[2]} (from the checkpoint)"
+    merge_data_config(cfg.data, saved, explicit, group)
