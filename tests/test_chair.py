@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from cocofiles import write_coco
 
 from captioning.chair import COCO_CATEGORY_WORDS, CocoChair, mentioned_categories, singular
 from captioning.data import CocoCaptionsDataModule
 from captioning.data.annotations import load_instance_categories
 from captioning.module import grounding_scorer
+
+from cocofiles import write_coco
 
 
 @pytest.mark.parametrize("caption, expected", [

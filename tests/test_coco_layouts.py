@@ -6,13 +6,12 @@ files (tests/cocofiles.py): COCO's fields, 5-7 captions as people typed them, gr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
 from cocofiles import check_modes, write_coco
+from entrypoints import run as run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 # only what makes the run small: the data config's own values (splits, year, test: true, workers...) stay
@@ -20,13 +19,8 @@ SMALL = ["model.hidden_dim=32", "model.wordvec_dim=16", "encoder.channels=[8,16,
          "data.image_size=32", "trainer.max_epochs=2", "logger=csv"]
 
 
-def run(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(REPO / "src" / script), *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, f"{script} {overrides}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+def run(script: str, *overrides: str):
+    return run_entry_point(script, list(overrides))
 
 
 LAYOUTS = {

@@ -16,10 +16,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-from test_train import ROOT, run_dirs, tiny
 
 from captioning.models import CaptioningRNN
 from captioning.models.decoding import greedy_decode
+
+from entrypoints import REPO as ROOT
+from entrypoints import environment, run_dirs, tiny, train_losses
+from entrypoints import train as run_train
 
 CONF = ROOT / "conf"
 PAIRS = 64 * 5  # tiny(): 64 training images x 5 captions each
@@ -28,11 +31,7 @@ BATCH = 16  # tiny(): data.batch_size, per device
 
 def train(overrides, warnings=False):
     """src/train.py in a subprocess (W&B offline); Python warnings kept only when asked for."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "default" if warnings else "ignore"}
-    proc = subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_train(overrides, env=environment(warnings=warnings))
 
 
 def free_port():
@@ -149,7 +148,6 @@ def test_ddp_cpu_trains_checkpoints_and_resumes(tmp_path):
 @pytest.fixture(scope="module")
 def ddp_uninterrupted(tmp_path_factory):
     """Options of a 2-process run (2 epochs, 40 steps each per process) and its uninterrupted losses."""
-    from test_reliability import train_losses
 
     root = tmp_path_factory.mktemp("straight")
     options = tiny(root, "trainer=ddp_cpu", "data.batch_size=4", "trainer.max_epochs=2", "test=false",
@@ -168,7 +166,7 @@ def test_ddp_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_cur
     every process stops after the same batch, the checkpoint records the position in each process's shard,
     and the resumed run's losses equal an uninterrupted run's. Lightning's own handling hangs in both cases
     now and then (one process stops, the other waits in the next all-reduce; Lightning #20806)."""
-    from test_reliability import signal_after_steps, train_losses
+    from entrypoints import signal_after_steps
 
     options, expected = ddp_uninterrupted
     options = [f"paths.root_dir={tmp_path}", *options]

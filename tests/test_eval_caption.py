@@ -6,12 +6,9 @@ Only the eval smoke test uses it by default; the rest of the end-to-end tests ar
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,8 @@ from PIL import Image
 from captioning.module import load_checkpoint
 from captioning.visualize import attention_overlay, heat_colors
 
-REPO = Path(__file__).resolve().parents[1]
+from entrypoints import run
+
 HAS_JAVA = shutil.which("java") is not None
 NUM_VAL, NUM_TEST = 16, 15  # an odd test split: two DDP processes get a padded, repeated image
 TINY_TRAIN = [
@@ -36,16 +34,8 @@ TINY_TRAIN = [
 FAST_DATA = ["data.num_workers=0", "data.persistent_workers=false", "data.batch_size=6"]
 
 
-def run_script(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "src" / script), *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"{script} {' '.join(overrides)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                    f"{result.stderr[-5000:]}")
-    return result
+def run_script(script: str, *overrides: str, check: bool = True):
+    return run(script, list(overrides), check)
 
 
 def train_tiny(root: Path, data_root: Path, model: str) -> Path:
@@ -212,14 +202,6 @@ def test_caption_nothing_readable_fails(tiny_runs, lstm_ckpt, image_folder):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def load_entry_point(name: str):
-    """An entry-point script of src/ as a module, to test its helpers (src/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"entry_{name}", REPO / "src" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_load_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         load_checkpoint(tmp_path / "missing.ckpt")

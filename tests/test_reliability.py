@@ -4,11 +4,8 @@ through the entry point, a logging backend that fails."""
 from __future__ import annotations
 
 import copy
-import csv
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,6 @@ import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
-from test_train import tiny
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.checkpointing import (
@@ -30,68 +26,9 @@ from captioning.checkpointing import (
 from captioning.module import CaptioningModule, NonFiniteLossError, load_checkpoint
 from captioning.utils import explain_errors, resolve_ckpt_path
 
-ROOT = Path(__file__).resolve().parents[1]
+from entrypoints import run_dirs, signal_after_steps, tiny, train, train_losses
+
 VOCAB = ["<NULL>", "<START>", "<END>", "<UNK>", "a", "red", "blue", "circle", "square"]
-
-
-def command(overrides):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return dict(args=[sys.executable, "src/train.py", *overrides], cwd=ROOT, env=env, text=True)
-
-
-def train(overrides, check=True):
-    proc = subprocess.run(**command(overrides), capture_output=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def run_dirs(tmp_path, task="train"):
-    return sorted((tmp_path / "outputs" / task / "runs").iterdir())
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    with open(run / "csv" / "metrics.csv") as file:
-        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(file) if r.get("train/loss_step")}
-
-
-def signal_after_steps(options, root: Path, signum: int, steps: int = 5, rank: int = 0) -> tuple[str, str]:
-    """Start src/train.py, send ``signum`` to the process of ``rank`` (0: the one started here; under DDP
-    the others are its children) once the CSV log has ``steps`` losses; (stdout, stderr) after it exited
-    with 128 + SIGTERM (a first Ctrl+C stops the same way)."""
-    proc = subprocess.Popen(**command(options), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((root / "outputs" / "train" / "runs").glob("*/csv/metrics.csv"))
-        if runs and len(train_losses(runs[0].parents[1])) >= steps:
-            break
-        time.sleep(0.2)
-    os.kill(proc.pid if rank == 0 else _child_of_rank(proc.pid, rank), signum)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # a hung DDP run: leave no process behind
-            os.kill(pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
-    return stdout, stderr
-
-
-def _descendants(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return [grand for child in children for grand in (child, *_descendants(child))]
-
-
-def _child_of_rank(pid: int, rank: int) -> int:
-    """The process Lightning's DDP launcher started for ``rank`` (its environment says LOCAL_RANK)."""
-    for child in _descendants(pid):
-        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        if f"LOCAL_RANK={rank}".encode() in environ:
-            return child
-    raise AssertionError(f"no child process of {pid} has LOCAL_RANK={rank}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
-from test_wandb import offline_runs, read_run, tiny, train
+
+from wandbruns import offline_runs, read_run, tiny, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

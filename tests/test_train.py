@@ -1,37 +1,22 @@
-"""src/train.py end to end through the Hydra entry point: fast_dev_run, a real short run, resume."""
+"""src/train.py end to end: through the Hydra entry point (fast_dev_run, errors, progress in a log file), and
+its train(cfg) in process (a real short run, resume)."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from entrypoints import REPO, compose, environment, load_entry_point, run_dirs, tiny, train
+
+ROOT = REPO
 
 
-def tiny(tmp_path, *extra):
-    return [
-        f"paths.root_dir={tmp_path}", "data.num_train=64", "data.num_val=16", "data.num_test=16",
-        "data.image_size=32", "data.num_workers=0", "data.persistent_workers=false", "data.progress=false",
-        "data.batch_size=16", "model.hidden_dim=32", "model.wordvec_dim=16", "encoder.channels=[8,16,32]",
-        "encoder.out_dim=32", "logger=csv", "callbacks.progress_bar=null", *extra,
-    ]
-
-
-def train(overrides, check=True):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def run_dirs(tmp_path, task="train"):
-    return sorted((tmp_path / "outputs" / task / "runs").iterdir())
+def train_in_process(tmp_path, name, *overrides):
+    """src/train.py's train(cfg) on the composed config, in this process (no interpreter start-up)."""
+    output_dir = tmp_path / "outputs" / "train" / "runs" / name
+    return load_entry_point("train").train(compose("train", tiny(tmp_path, *overrides), output_dir))
 
 
 def test_fast_dev_run_through_hydra_entry_point(tmp_path):
@@ -41,8 +26,9 @@ def test_fast_dev_run_through_hydra_entry_point(tmp_path):
     assert (tmp_path / "data" / "shapes" / "annotations" / "captions_train2017.json").is_file()
 
 
-def test_real_training_writes_checkpoints_metrics_and_report(tmp_path):
-    proc = train(tiny(tmp_path, "trainer.max_epochs=2", "model=attention"))
+def test_real_training_writes_checkpoints_metrics_and_report(tmp_path, capsys):
+    train_in_process(tmp_path, "run", "trainer.max_epochs=2", "model=attention")
+    printed = capsys.readouterr().out
     (run,) = run_dirs(tmp_path)
     ckpts = {p.name for p in (run / "checkpoints").iterdir()}
     assert "last.ckpt" in ckpts and any(n.startswith("epoch") for n in ckpts)
@@ -54,7 +40,7 @@ def test_real_training_writes_checkpoints_metrics_and_report(tmp_path):
     assert metrics["epochs"][1]["val/loss"] < metrics["epochs"][0]["val/loss"]  # it learns
     assert set(metrics["test"]) >= {"test/loss", "test/bleu4", "test/cider"}
     assert metrics["blind_baseline"]["caption"] and metrics["val_images"] == 16
-    assert "blind baseline" in proc.stdout and "Sample validation captions" in proc.stdout
+    assert "blind baseline" in printed and "Sample validation captions" in printed
     # The checkpoint alone rebuilds the model, vocabulary included, and loads with weights_only.
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     vocab = ckpt["hyper_parameters"]["vocab"]
@@ -63,12 +49,12 @@ def test_real_training_writes_checkpoints_metrics_and_report(tmp_path):
 
 
 def test_resume_from_last_checkpoint(tmp_path):
-    train(tiny(tmp_path, "trainer.max_epochs=1", "test=false"))
+    train_in_process(tmp_path, "first", "trainer.max_epochs=1", "test=false")
     (first,) = run_dirs(tmp_path)
     last = first / "checkpoints" / "last.ckpt"
     step_after_one = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert step_after_one == 20  # 64 images x 5 captions / batch 16
-    train(tiny(tmp_path, "trainer.max_epochs=2", "test=false", "ckpt_path=last"))
+    train_in_process(tmp_path, "second", "trainer.max_epochs=2", "test=false", "ckpt_path=last")
     second = [d for d in run_dirs(tmp_path) if d != first][0]
     resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 2 * step_after_one and resumed["epoch"] == 1
@@ -82,9 +68,8 @@ def test_progress_lines_in_a_log_file(tmp_path):
                                  "callbacks.progress_bar.every_n_steps=5", "callbacks.progress_bar.every_seconds=0")
                  if o != "callbacks.progress_bar=null"]
     log = tmp_path / "train.out"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     with log.open("w") as stdout:
-        subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT, env=env, stdout=stdout,
+        subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT, env=environment(), stdout=stdout,
                        stderr=subprocess.STDOUT, timeout=600, check=True)
     lines = log.read_text().splitlines()
     steps = [line for line in lines if line.startswith("epoch ") and " step " in line]

@@ -1,19 +1,10 @@
-"""W&B dashboards, read back from offline runs: nothing here needs an account or a network.
-
-An offline run is ``<output_dir>/wandb/offline-run-*/run-<id>.wandb``: W&B's record log (LevelDB log
-framing around ``wandb.proto`` ``Record`` messages). :func:`read_run` parses it, so the tests check what
-``wandb sync`` would upload: the run config, every history row, the summary and the exit code.
-"""
+"""W&B dashboards, read back from offline runs (tests/wandbruns.py): nothing here needs an account or a
+network."""
 
 from __future__ import annotations
 
 import json
-import os
-import struct
-import subprocess
-import sys
 import time
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,125 +13,9 @@ import torch
 
 from captioning.grounding import ground_caption
 
+from wandbruns import offline_runs, read_run, tiny, train, wandb_env
+
 ROOT = Path(__file__).resolve().parents[1]
-
-# --------------------------------------------------------------------------------------------------------
-# Reading an offline run
-# --------------------------------------------------------------------------------------------------------
-
-_BLOCK, _HEADER = 32768, 7  # LevelDB log: 32 KiB blocks, 7-byte record headers (crc32, length, type)
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _records(path: Path):
-    """The protobuf ``Record`` messages of a ``.wandb`` file, checksums verified."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:_HEADER])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path} is not a W&B record log v0"
-    position, parts = _HEADER, []
-    while position + _HEADER <= len(data):
-        if _BLOCK - position % _BLOCK < _HEADER:  # a block's tail too short for a header is padding
-            position += _BLOCK - position % _BLOCK
-            continue
-        checksum, length, kind = struct.unpack("<IHB", data[position:position + _HEADER])
-        chunk = data[position + _HEADER:position + _HEADER + length]
-        position += _HEADER + length
-        if kind == 0 and length == 0:
-            continue
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == checksum, f"corrupt record in {path}"
-        parts.append(chunk)
-        if kind in (_FULL, _LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            yield record
-
-
-def _items(items) -> dict:
-    """Record items -> dict; media and tables arrive as nested keys (("val/samples", "path"), ...)."""
-    out: dict = {}
-    for item in items:
-        *parents, last = list(item.nested_key) or [item.key]
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = json.loads(item.value_json)
-    return out
-
-
-def read_run(path: Path) -> SimpleNamespace:
-    """An offline run's ``run-*.wandb`` (or its folder) -> id, name, group, tags, config, history rows,
-    summary and exit code."""
-    path = Path(path)
-    if path.is_dir():
-        (path,) = path.glob("run-*.wandb")
-    run = SimpleNamespace(id=None, name=None, group=None, tags=[], config={}, history=[], summary={},
-                          exit_code=None, artifacts=[], local_paths=[])
-    for record in _records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run.id, run.name, run.group = record.run.run_id, record.run.display_name, record.run.run_group
-            run.tags = list(record.run.tags)
-            run.config.update(_items(record.run.config.update))
-        elif kind == "config":
-            run.config.update(_items(record.config.update))
-        elif kind == "history":
-            run.history.append(_items(record.history.item))
-        elif kind == "summary":
-            run.summary.update(_items(record.summary.update))
-        elif kind == "exit":
-            run.exit_code = record.exit.exit_code
-        elif kind == "artifact":
-            run.artifacts.append((record.artifact.type, [e.path for e in record.artifact.manifest.contents]))
-            # the files `wandb sync` will upload: W&B records where it staged them
-            run.local_paths += [e.local_path for e in record.artifact.manifest.contents if e.local_path]
-    run.config.pop("_wandb", None)
-    return run
-
-
-def offline_runs(output_dir: Path) -> list[Path]:
-    return sorted((Path(output_dir) / "wandb").glob("offline-run-*"))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Running train.py
-# --------------------------------------------------------------------------------------------------------
-
-
-def wandb_env(tmp_path: Path, as_users_have_it: bool = False) -> dict[str, str]:
-    """Offline W&B whose caches and artifact staging stay in the test's folder, not in $HOME.
-
-    ``as_users_have_it``: no W&B directories set at all (a user's environment), with $HOME in the test's
-    folder so that whatever W&B writes outside the run shows there.
-    """
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
-    if as_users_have_it:
-        for key in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
-            env.pop(key, None)
-        return {**env, "HOME": str(tmp_path / "home")}
-    return {**env, "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
-
-
-def tiny(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        f"paths.root_dir={tmp_path}", "data.num_train=64", "data.num_val=16", "data.num_test=16",
-        "data.image_size=32", "data.num_workers=0", "data.persistent_workers=false", "data.progress=false",
-        "data.batch_size=16", "model.hidden_dim=32", "model.wordvec_dim=16", "encoder.channels=[8,16,32]",
-        "encoder.out_dim=32", "callbacks.progress_bar=null", *extra,
-    ]
-
-
-def train(tmp_path: Path, overrides: list[str], check: bool = True,
-          as_users_have_it: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "src/train.py", *overrides], cwd=ROOT,
-                          env=wandb_env(tmp_path, as_users_have_it), capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
 
 # --------------------------------------------------------------------------------------------------------
 # End to end: what a training run leaves in its offline W&B run
