@@ -1,6 +1,6 @@
 """Hand-written recurrent cores: vanilla RNN, LSTM and attention LSTM.
 
-The plain functions follow the CS231n / EECS 498 conventions (see DESIGN.md, "Contracts"): row-major
+The plain functions follow the CS231n / EECS 498 conventions (docs/architecture.md, "Contracts"): row-major
 activations, weights applied on the right (``x @ Wx``), LSTM gates packed as ``i, f, o, g``. They work for
 any float dtype and device and are differentiated by autograd; ``captioning.models.bptt`` adds
 hand-written backward passes for the whole-sequence forms.

@@ -1,0 +1,239 @@
+"""Training objectives: what the LightningModule minimises in a training step (``conf/objective``).
+
+- :class:`CrossEntropy` (``objective=xe``): the courses' teacher-forced masked temporal softmax loss.
+- :class:`SelfCritical` (``objective=scst``): self-critical sequence training (Rennie et al., CVPR 2017).
+  For every image, K captions are sampled from the model (batched over images and samples: one decoding
+  loop for the N*K rows) and rewarded with their CIDEr-D against the image's references, with document
+  frequencies from the training split. The baseline is the model's own greedy caption (``greedy``, the
+  paper's) or the mean reward of the image's other K-1 samples (``mean``, Luo 2020). The loss is REINFORCE
+  with that baseline::
+
+      loss = - 1/(N K) sum_i (r_i - b_i) log p(w_i)       log p(w_i) = sum_t log p(w_it), up to its <END>
+
+  computed as a per-row weighted temporal softmax loss over the samples (the fused vocabulary projection:
+  the (N K, T, V) scores never exist), plus ``xe_weight`` times the cross-entropy loss if asked.
+
+The samples are drawn without gradients and scored again teacher-forced through the hand-written core, which
+is the same distribution when the decoder has no dropout (the default); with dropout the two passes use
+different masks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .metrics import CiderD, tokenize
+from .models import CaptioningRNN
+from .models.decoding import greedy_decode, sample_decode
+from .models.loss import linear_temporal_softmax_loss
+
+__all__ = ["BASELINES", "BAD_ENDINGS", "CrossEntropy", "Objective", "SelfCritical"]
+
+BASELINES = ("greedy", "mean")
+BAD_ENDING_MODES = ("none", "penalize", "forbid")
+# Words a caption should not end on; captions trained on CIDEr-D learn to end on them ("a man riding a")
+# because the n-grams they complete still score.
+BAD_ENDINGS = ("a", "an", "the", "with", "and", "of", "on", "in", "to", "at", "its", "his", "her", "their",
+               "for", "is", "are", "while", "from", "by", "near")
+
+
+class Objective:
+    """What a training step minimises. ``setup`` gets the training references once; ``__call__`` returns the
+    loss and the numbers to log (as tensors, logged under ``train/``)."""
+
+    name = "objective"
+
+    def setup(self, references: Mapping[int, Sequence[str]], vocab: Any) -> None:  # noqa: B027 - optional hook
+        """Called once per fit, on every process, with the training split's references and the vocabulary."""
+
+    def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+
+class CrossEntropy(Objective):
+    """The teacher-forced masked temporal softmax loss of the courses (``objective=xe``)."""
+
+    name = "xe"
+
+    def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
+        return decoder(features, batch["captions"]), {}
+
+    def __repr__(self) -> str:
+        return "CrossEntropy()"
+
+
+class SelfCritical(Objective):
+    """Self-critical sequence training with a CIDEr-D reward (see the module docstring).
+
+    Args:
+        num_samples: K, captions sampled per image.
+        temperature: sampling temperature (1 = the model's distribution).
+        baseline: ``"greedy"`` (the greedy caption's reward) or ``"mean"`` (the mean reward of the image's
+            other K-1 samples; needs K >= 2).
+        xe_weight: weight of the cross-entropy loss added to the policy loss (0: none).
+        max_length: the most words a sample has (``<END>`` included).
+        bad_endings: the words a caption should not end on.
+        bad_ending: ``"penalize"`` (subtract ``bad_ending_penalty`` from the reward of a sample whose last
+            word is one of them), ``"forbid"`` (``<END>`` cannot follow such a word while sampling) or ``"none"``.
+        bad_ending_penalty: the penalty for ``"penalize"``.
+        max_rows: decode the N*K samples in chunks of at most this many rows (memory).
+        sigma: CIDEr-D's length-penalty width.
+    """
+
+    name = "scst"
+
+    def __init__(self, num_samples: int = 5, temperature: float = 1.0, baseline: str = "greedy",
+                 xe_weight: float = 0.0, max_length: int = 16, bad_endings: Sequence[str] = BAD_ENDINGS,
+                 bad_ending: str = "penalize", bad_ending_penalty: float = 1.0, max_rows: int = 4096,
+                 sigma: float = 6.0) -> None:
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"objective.num_samples must be a positive integer, got {num_samples!r}.")
+        if baseline not in BASELINES:
+            raise ValueError(f"objective.baseline={baseline!r} is not one of {', '.join(BASELINES)}.")
+        if baseline == "mean" and num_samples < 2:
+            raise ValueError("objective.baseline=mean is the mean reward of an image's other samples: it needs "
+                             f"objective.num_samples >= 2, got {num_samples}.")
+        if bad_ending not in BAD_ENDING_MODES:
+            raise ValueError(f"objective.bad_ending={bad_ending!r} is not one of {', '.join(BAD_ENDING_MODES)}.")
+        if temperature <= 0 or xe_weight < 0 or max_length < 1 or max_rows < 1:
+            raise ValueError(
+                f"objective: temperature must be > 0, xe_weight >= 0, max_length and max_rows >= 1; got "
+                f"{temperature}, {xe_weight}, {max_length}, {max_rows}.")
+        self.num_samples, self.temperature, self.baseline = num_samples, float(temperature), baseline
+        self.xe_weight, self.max_length, self.max_rows = float(xe_weight), int(max_length), int(max_rows)
+        self.bad_endings = tuple(bad_endings)
+        self.bad_ending, self.bad_ending_penalty = bad_ending, float(bad_ending_penalty)
+        self.sigma = float(sigma)
+        self.cider: CiderD | None = None
+        self._words: list[str] | None = None
+        self._bad_ids: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (f"SelfCritical(num_samples={self.num_samples}, temperature={self.temperature}, "
+                f"baseline={self.baseline!r}, xe_weight={self.xe_weight}, bad_ending={self.bad_ending!r})")
+
+    # -------------------------------------------------------------------------------------------
+    def setup(self, references: Mapping[int, Sequence[str]] | CiderD, vocab: Any) -> None:
+        """The reward's document frequencies, from the training references (or a CiderD built from them)."""
+        self.cider = references if isinstance(references, CiderD) else CiderD(dict(references), sigma=self.sigma)
+        self._words = list(vocab.idx_to_word)
+        self._end_id = vocab.end_id
+        self._bad_ids = torch.tensor([vocab.word_to_idx[w] for w in self.bad_endings if w in vocab.word_to_idx],
+                                     dtype=torch.long)
+
+    def rewards(self, image_ids: Sequence[int], captions: Tensor) -> np.ndarray:
+        """CIDEr-D of each caption (M, L) of token ids against its image's references: (M,) float64.
+
+        Vectorised over the captions: one scoring pass per sample index (the rows of one index are distinct
+        images), no Python loop over images.
+        """
+        if self.cider is None:
+            raise RuntimeError("SelfCritical.setup() was not called: the reward needs the training references.")
+        texts = self.texts(captions)
+        ids = [int(i) for i in image_ids]
+        rewards = np.empty(len(ids), dtype=np.float64)
+        # rows with the same image id cannot share one pass (the scorer matches one hypothesis per image)
+        order = np.argsort(ids, kind="stable")
+        rank = np.empty(len(ids), dtype=np.int64)
+        sorted_ids = np.asarray(ids)[order]
+        first = np.r_[True, sorted_ids[1:] != sorted_ids[:-1]] if len(ids) else np.zeros(0, dtype=bool)
+        run_start = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
+        rank[order] = np.arange(len(ids)) - run_start  # 0 for an id's first row, 1 for its second...
+        for k in range(int(rank.max(initial=-1)) + 1):
+            rows = np.flatnonzero(rank == k)
+            counts = self.cider.ngrams.count([tokenize(texts[r]) for r in rows])
+            rewards[rows] = self.cider._score_counts(self.cider.rows([ids[r] for r in rows]), counts)
+        return rewards
+
+    def texts(self, captions: Tensor) -> list[str]:
+        words, end = self._words, self._end_id
+        out = []
+        for row in captions.tolist():
+            text = []
+            for i in row:
+                if i == end or i == 0:
+                    break
+                text.append(words[i])
+            out.append(" ".join(text))
+        return out
+
+    # -------------------------------------------------------------------------------------------
+    def _sample(self, decoder: CaptioningRNN, features: Tensor, generator: torch.Generator | None):
+        """K samples per image (N*K rows, image-major), in chunks; with the mean entropy of the steps."""
+        rows = features.repeat_interleave(self.num_samples, dim=0)
+        chunks, entropy_sum, steps = [], features.new_zeros((), dtype=torch.float32), 0
+        bad = self._bad_ids.to(features.device) if self.bad_ending == "forbid" and len(self._bad_ids) else None
+        for start in range(0, rows.shape[0], self.max_rows):
+            decoded, entropy, live = sample_decode(
+                decoder, rows[start:start + self.max_rows], self.max_length, self.temperature, generator=generator,
+                forbid_end_after=bad, with_entropy=True)
+            chunks.append(decoded.captions)
+            entropy_sum, steps = entropy_sum + entropy, steps + live
+        return torch.cat(chunks), entropy_sum / max(steps, 1)
+
+    def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
+        image_ids = batch["image_ids"].tolist()
+        K = self.num_samples
+        was_training = decoder.training
+        tic = time.perf_counter()
+        with torch.no_grad():
+            samples, entropy = self._sample(decoder, features.detach(), None)
+            if self.baseline == "greedy":
+                decoder.eval()  # the test-time caption: no dropout
+                greedy = greedy_decode(decoder, features.detach(), self.max_length).captions
+                decoder.train(was_training)
+        decode_seconds = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        sample_ids = np.repeat(image_ids, K)
+        reward = self.rewards(sample_ids, samples)
+        if self.bad_ending == "penalize" and len(self._bad_ids):
+            reward = reward - self.bad_ending_penalty * self._ends_badly(samples).cpu().numpy()
+        reward_t = torch.as_tensor(reward, dtype=torch.float32, device=features.device).view(-1, K)
+        if self.baseline == "greedy":
+            greedy_reward = self.rewards(image_ids, greedy)
+            baseline = torch.as_tensor(greedy_reward, dtype=torch.float32, device=features.device)
+            baseline = baseline.unsqueeze(1).expand(-1, K)
+        else:
+            # the mean of the image's other samples: (sum - own) / (K - 1)
+            baseline = (reward_t.sum(dim=1, keepdim=True) - reward_t) / (K - 1)
+        reward_seconds = time.perf_counter() - tic
+        advantage = (reward_t - baseline).reshape(-1)
+
+        loss = self.policy_loss(decoder, features.repeat_interleave(K, dim=0), samples, advantage)
+        logs = {
+            "scst/reward": reward_t.mean(), "scst/baseline": baseline.mean(), "scst/advantage_std": advantage.std(),
+            "scst/sample_length": samples.ne(decoder.null_id).sum(dim=1).float().mean(),
+            "scst/ended": samples.eq(decoder.end_id).any(dim=1).float().mean(), "scst/entropy": entropy,
+            "scst/decode_seconds": torch.tensor(decode_seconds), "scst/reward_seconds": torch.tensor(reward_seconds),
+        }
+        if self.xe_weight:
+            xe = decoder(features, batch["captions"])
+            logs["scst/xe_loss"] = xe.detach()
+            loss = loss + self.xe_weight * xe
+        return loss, logs
+
+    def _ends_badly(self, samples: Tensor) -> Tensor:
+        """(M,) whether each sample's last word before <END> (or at the length limit) is a bad ending."""
+        lengths = samples.ne(0).sum(dim=1)
+        ended = samples.eq(self._end_id).any(dim=1)
+        last = (lengths - 1 - ended.long()).clamp(min=0)
+        words = samples.gather(1, last.unsqueeze(1)).squeeze(1)
+        return torch.isin(words, self._bad_ids.to(samples.device)) & (lengths > ended.long())
+
+    @staticmethod
+    def policy_loss(decoder: CaptioningRNN, features: Tensor, samples: Tensor, advantage: Tensor) -> Tensor:
+        """REINFORCE: -1/M sum_i advantage_i log p(sample_i | image_i); features (M, ...), samples (M, L) as the
+        decoders return them (no <START>, <NULL> after <END>), advantage (M,)."""
+        start = samples.new_full((samples.shape[0], 1), decoder.start_id)
+        captions = torch.cat([start, samples], dim=1)
+        h = decoder.dropout(decoder.hidden_states(features, captions[:, :-1]))
+        return linear_temporal_softmax_loss(h, decoder.vocab_proj.weight, decoder.vocab_proj.bias, captions[:, 1:],
+                                            decoder.null_id, "batch", weights=advantage, excluded=(
+                                                decoder.null_id, decoder.start_id))
