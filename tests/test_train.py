@@ -83,6 +83,17 @@ def test_progress_lines_in_a_log_file(tmp_path):
     assert not any("\x1b[" in line for line in lines)  # no terminal control codes in a log
 
 
+def test_last_checkpoint_is_the_newest_even_without_improvement(tmp_path):
+    """ckpt_path=last resumes last.ckpt: after an epoch whose val/bleu4 did not improve (Lightning's save_last
+    then keeps the older file) it must still hold the newest state."""
+    train_in_process(tmp_path, "flat", "trainer.max_epochs=2", "test=false", "optimizer.lr=0")
+    (run,) = run_dirs(tmp_path)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 40)
+    best = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch")]
+    assert [p.name.split("-")[0] for p in best] == ["epoch000"]  # the best stays the first: nothing improved
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = train(tiny(tmp_path, "ckpt_path=/nonexistent/last.ckpt"), check=False)
     assert proc.returncode != 0
