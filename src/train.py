@@ -22,6 +22,7 @@ from captioning.utils import (
     instantiate_dict,
     print_config,
     resolve_ckpt_path,
+    resolve_start,
     save_config,
     seed_everything,
 )
@@ -41,7 +42,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    # resume the run, or start from another objective's weights (ckpt_path=<xe.ckpt> objective=scst)
+    ckpt_path = resolve_start(module, resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 

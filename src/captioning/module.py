@@ -21,10 +21,12 @@ from .grounding import GroundingScorer
 from .metrics import CaptionScorer, DecodedCaptions
 from .models import CaptioningRNN
 from .models.decoding import CaptionDecoder, Decoded
+from .objectives import Objective
 
 __all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint"]
 
 NONFINITE_POLICIES = ("fail", "skip")
+DEFAULT_OBJECTIVE = {"_target_": "captioning.objectives.CrossEntropy"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,6 +59,8 @@ class CaptioningModule(L.LightningModule):
         decoding: ``_target_`` config of the ``CaptionDecoder`` used in validation and test.
         vocab: the vocabulary as its list of words (index = id); filled in from the datamodule at fit time
             and stored in the checkpoint so that captions can be decoded from the checkpoint alone.
+        objective: ``_target_`` config of the training objective (``conf/objective``): the cross-entropy of
+            the courses (the default) or self-critical sequence training (:mod:`captioning.objectives`).
         nonfinite_loss: what a NaN or infinite training loss does: ``"fail"`` stops the run with
             :class:`NonFiniteLossError` naming the step (before the update: the weights stay finite);
             ``"skip"`` skips the step (no update), warns, and counts it in ``train/nonfinite_steps``.
@@ -75,6 +79,7 @@ class CaptioningModule(L.LightningModule):
         decoding: Mapping[str, Any] | None = None,
         vocab: Sequence[str] | None = None,
         nonfinite_loss: str = "fail",
+        objective: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -93,6 +98,7 @@ class CaptioningModule(L.LightningModule):
                 "decoding": _plain(decoding) or {},
                 "vocab": list(vocab) if vocab is not None else None,
                 "nonfinite_loss": nonfinite_loss,
+                "objective": _plain(objective) or dict(DEFAULT_OBJECTIVE),
             }
         )
         self.nonfinite_steps = 0
@@ -101,6 +107,7 @@ class CaptioningModule(L.LightningModule):
         self.decoder: CaptioningRNN | None = None
         self.vocab: Vocabulary | None = None
         self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
+        self.objective: Objective = instantiate(self.hparams.get("objective") or DEFAULT_OBJECTIVE)
         self.scorers: dict[str, CaptionScorer] = {}
         # where the data knows what each image shows (the built-in set's scenes, COCO's instance annotations):
         # captions checked against it
@@ -145,6 +152,8 @@ class CaptioningModule(L.LightningModule):
                 "vocabulary it was trained with: use the data set (and data.min_word_count / data.max_length) "
                 "it was trained on."
             )
+        if stage == "fit":
+            self._setup_objective(datamodule)
         # the test split only when testing: COCO 2017 (and the official 2014 layout) has none to fit with
         for split, stages in (("val", ("fit", "validate")), ("test", ("test",))):
             if stage in stages and split not in self.scorers:
@@ -152,6 +161,32 @@ class CaptioningModule(L.LightningModule):
                 grounding = grounding_scorer(datamodule, split)
                 if grounding is not None:
                     self.grounding[split] = grounding
+
+    def _setup_objective(self, datamodule: Any) -> None:
+        """The objective's view of the training split (SCST: the reward's document frequencies). Built once, on
+        rank 0, and read by every process from a file beside the run, so all ranks reward with the same
+        numbers; a process that cannot see the file (nodes without a shared disk) builds its own, equal ones."""
+        if type(self.objective).setup is Objective.setup:
+            return  # nothing to prepare (cross-entropy)
+        from .metrics import CiderD
+
+        def build() -> CiderD:
+            return CiderD(datamodule.references("train"), sigma=getattr(self.objective, "sigma", 6.0))
+
+        strategy = self.trainer.strategy
+        if self.trainer.world_size == 1:
+            self.objective.setup(build(), self.vocab)
+            return
+        path = Path(self.trainer.default_root_dir) / "objective" / "train_references.pt"
+        if strategy.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(build(), path)
+        strategy.barrier("objective-references")
+        if strategy.is_global_zero or not path.is_file():
+            cider = torch.load(path, weights_only=False) if path.is_file() else build()
+        else:
+            cider = torch.load(path, weights_only=False)  # our own file, written a moment ago by rank 0
+        self.objective.setup(cider, self.vocab)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)
@@ -163,6 +198,20 @@ class CaptioningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_format(checkpoint)
+        self._check_fits(checkpoint)
+
+    def start_from(self, path: str | Path) -> None:
+        """Take the weights (and vocabulary) of another run's checkpoint, nothing else: the optimizer, the
+        schedule, the epochs and the objective are this run's. How ``ckpt_path=<xe.ckpt> objective=scst``
+        fine-tunes a cross-entropy model (:func:`captioning.utils.resolve_start`)."""
+        checkpoint = read_checkpoint(Path(path))
+        vocab = checkpoint["hyper_parameters"].get("vocab")
+        if self.decoder is None and vocab:
+            self._build_decoder(list(vocab))
+        self._check_fits(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
+
+    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
         saved_hparams = checkpoint["hyper_parameters"]
         saved = saved_hparams.get("vocab")
         if saved is not None and self.vocab is not None and saved != self.vocab.idx_to_word:
@@ -210,13 +259,18 @@ class CaptioningModule(L.LightningModule):
         # values per channel) so a non-finite batch leaves no NaN in them either.
         running_stats = _running_stats(self)
         saved_stats = [stat.clone() for stat in running_stats]
-        loss = self.decoder(self.encode(batch), batch["captions"])
+        loss, logs = self.objective(self.decoder, self.encode(batch), batch)
         # One device sync a step; training on a NaN would silently destroy the weights.
         if not self._finite_on_every_rank(loss):
             for stat, saved in zip(running_stats, saved_stats, strict=True):
                 stat.copy_(saved)
             return self._nonfinite(loss, batch_idx)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["captions"]))
+        size = len(batch["captions"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        for name, value in logs.items():
+            # the mean over the processes under DDP (every process has a batch of the same size)
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, sync_dist=True, batch_size=size,
+                     prog_bar=name == "scst/reward")
         return loss
 
     def _finite_on_every_rank(self, loss: Tensor) -> bool:

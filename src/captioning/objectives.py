@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .metrics import CiderD, tokenize
 from .models import CaptioningRNN
-from .models.decoding import greedy_decode, sample_decode
+from .models.decoding import greedy_decode, step_decode
 from .models.loss import linear_temporal_softmax_loss
 
 __all__ = ["BASELINES", "BAD_ENDINGS", "CrossEntropy", "Objective", "SelfCritical"]
@@ -107,6 +107,9 @@ class SelfCritical(Objective):
                 f"{temperature}, {xe_weight}, {max_length}, {max_rows}.")
         self.num_samples, self.temperature, self.baseline = num_samples, float(temperature), baseline
         self.xe_weight, self.max_length, self.max_rows = float(xe_weight), int(max_length), int(max_rows)
+        if not all(isinstance(w, str) for w in bad_endings):
+            raise ValueError(f"objective.bad_endings must be words, got {list(bad_endings)!r} (quote on / no / yes in "
+                             "YAML, which reads them as booleans).")
         self.bad_endings = tuple(bad_endings)
         self.bad_ending, self.bad_ending_penalty = bad_ending, float(bad_ending_penalty)
         self.sigma = float(sigma)
@@ -164,18 +167,29 @@ class SelfCritical(Objective):
         return out
 
     # -------------------------------------------------------------------------------------------
-    def _sample(self, decoder: CaptioningRNN, features: Tensor, generator: torch.Generator | None):
-        """K samples per image (N*K rows, image-major), in chunks; with the mean entropy of the steps."""
+    def _sample(self, decoder: CaptioningRNN, features: Tensor) -> tuple[Tensor, Tensor]:
+        """K samples per image (N*K rows, image-major), decoded in chunks of ``max_rows``; and the mean
+        entropy of the sampling distribution over the steps of the rows still going."""
         rows = features.repeat_interleave(self.num_samples, dim=0)
-        chunks, entropy_sum, steps = [], features.new_zeros((), dtype=torch.float32), 0
-        bad = self._bad_ids.to(features.device) if self.bad_ending == "forbid" and len(self._bad_ids) else None
-        for start in range(0, rows.shape[0], self.max_rows):
-            decoded, entropy, live = sample_decode(
-                decoder, rows[start:start + self.max_rows], self.max_length, self.temperature, generator=generator,
-                forbid_end_after=bad, with_entropy=True)
-            chunks.append(decoded.captions)
-            entropy_sum, steps = entropy_sum + entropy, steps + live
-        return torch.cat(chunks), entropy_sum / max(steps, 1)
+        forbid = self._bad_ids.to(features.device) if self.bad_ending == "forbid" and len(self._bad_ids) else None
+        end, null, temperature = decoder.end_id, decoder.null_id, self.temperature
+        entropy = [features.new_zeros((), dtype=torch.float32), 0]
+
+        def draw(log_probs: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+            logits = log_probs / temperature
+            if forbid is not None:  # no <END> right after a bad ending word
+                logits[torch.isin(previous, forbid), end] = float("-inf")
+            tempered = logits.log_softmax(dim=1)
+            live = (previous != end) & (previous != null)
+            p = tempered.exp()
+            entropy[0] = entropy[0] - (p * tempered.nan_to_num(neginf=0.0)).sum(dim=1)[live].sum()
+            entropy[1] += int(live.sum())
+            words = torch.multinomial(p, 1).squeeze(1)
+            return words, tempered.gather(1, words.unsqueeze(1)).squeeze(1)
+
+        chunks = [step_decode(decoder, rows[start:start + self.max_rows], self.max_length, draw).captions
+                  for start in range(0, rows.shape[0], self.max_rows)]
+        return torch.cat(chunks), entropy[0] / max(entropy[1], 1)
 
     def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
         image_ids = batch["image_ids"].tolist()
@@ -183,7 +197,7 @@ class SelfCritical(Objective):
         was_training = decoder.training
         tic = time.perf_counter()
         with torch.no_grad():
-            samples, entropy = self._sample(decoder, features.detach(), None)
+            samples, entropy = self._sample(decoder, features.detach())
             if self.baseline == "greedy":
                 decoder.eval()  # the test-time caption: no dropout
                 greedy = greedy_decode(decoder, features.detach(), self.max_length).captions
@@ -201,8 +215,7 @@ class SelfCritical(Objective):
             baseline = torch.as_tensor(greedy_reward, dtype=torch.float32, device=features.device)
             baseline = baseline.unsqueeze(1).expand(-1, K)
         else:
-            # the mean of the image's other samples: (sum - own) / (K - 1)
-            baseline = (reward_t.sum(dim=1, keepdim=True) - reward_t) / (K - 1)
+            baseline = self.mean_baseline(reward_t)
         reward_seconds = time.perf_counter() - tic
         advantage = (reward_t - baseline).reshape(-1)
 
@@ -218,6 +231,12 @@ class SelfCritical(Objective):
             logs["scst/xe_loss"] = xe.detach()
             loss = loss + self.xe_weight * xe
         return loss, logs
+
+    @staticmethod
+    def mean_baseline(reward: Tensor) -> Tensor:
+        """reward (N, K) -> each sample's baseline: the mean reward of its image's other K-1 samples."""
+        K = reward.shape[1]
+        return (reward.sum(dim=1, keepdim=True) - reward) / (K - 1)
 
     def _ends_badly(self, samples: Tensor) -> Tensor:
         """(M,) whether each sample's last word before <END> (or at the length limit) is a bad ending."""

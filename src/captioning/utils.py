@@ -24,7 +24,7 @@ from .checkpointing import read_checkpoint
 from .module import NonFiniteLossError
 from .sweeps import in_multirun
 
-__all__ = ["instantiate_dict", "instantiate_callbacks", "has_split", "print_config", "save_config", "resolve_ckpt_path", "explain_errors", "seed_everything"]
+__all__ = ["instantiate_dict", "instantiate_callbacks", "has_split", "print_config", "resolve_start", "save_config", "resolve_ckpt_path", "explain_errors", "seed_everything"]
 
 T = TypeVar("T")
 # The checkpoints ckpt_path=last picks from: ModelCheckpoint's and InterruptCheckpoint's.
@@ -103,6 +103,26 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str
     checkpoint = read_checkpoint(path)
     rank_zero_info(f"Checkpoint {path}: epoch {checkpoint.get('epoch')}, global step {checkpoint.get('global_step')}.")
     return str(path)
+
+
+def resolve_start(module: Any, ckpt_path: str | None) -> str | None:
+    """Resume, or start from another run's weights: the ``ckpt_path`` to hand to ``trainer.fit``.
+
+    A checkpoint trained with the configured objective resumes everything (step, optimizer, schedule, data
+    order). One trained with another objective (``ckpt_path=<xe.ckpt> objective=scst``) only gives its weights:
+    the new objective starts with a fresh optimizer and schedule from epoch 0, and None is returned.
+    """
+    if ckpt_path is None:
+        return None
+    saved = (read_checkpoint(Path(ckpt_path))["hyper_parameters"].get("objective") or {}).get(
+        "_target_", "captioning.objectives.CrossEntropy")
+    configured = module.hparams["objective"]["_target_"]
+    if saved == configured:
+        return ckpt_path
+    rank_zero_info(f"{ckpt_path} was trained with {saved.rpartition('.')[2]}, this run with "
+                   f"{configured.rpartition('.')[2]}: starting from its weights with a new optimizer and schedule.")
+    module.start_from(ckpt_path)
+    return None
 
 
 def explain_errors(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:

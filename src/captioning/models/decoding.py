@@ -29,8 +29,9 @@ class Decoded(NamedTuple):
     attn_weights: Tensor | None
 
 
-# log-probabilities of the next word (N, V) -> (the words picked (N,), their log-probabilities (N,))
-Picker = Callable[[Tensor], tuple[Tensor, Tensor]]
+# (log-probabilities of the next word (N, V), the words just fed (N,)) -> (the words picked (N,), their
+# log-probabilities (N,))
+Picker = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
@@ -55,8 +56,10 @@ def step_decode(model: CaptioningRNN, features: Tensor, max_length: int, pick: P
 
     Starts each row from ``<START>``, feeds back the word ``pick`` chooses from the step's log-probabilities
     (N, V), and stops each row at its own ``<END>`` (kept in the output); the rest of an ended row is
-    ``<NULL>``. The loop ends as soon as every row has ended. ``pick(log_probs) -> (words (N,), their
-    log-probability (N,))``: the argmax for greedy decoding, a draw for sampling.
+    ``<NULL>``. The loop ends as soon as every row has ended. ``pick(log_probs, previous) -> (words (N,),
+    their log-probability (N,))`` chooses from the step's log-probabilities (N, V) given the words just fed
+    (N,; ``<END>`` or ``<NULL>`` for rows that have ended): the argmax for greedy decoding, a draw for
+    sampling.
     """
     N = features.shape[0]
     state = model.init_state(features)
@@ -67,7 +70,7 @@ def step_decode(model: CaptioningRNN, features: Tensor, max_length: int, pick: P
     done = torch.zeros(N, dtype=torch.bool, device=features.device)
     for t in range(max_length):
         scores, state, weights = model.step(words, state)
-        words, chosen = pick(scores.float().log_softmax(dim=1))
+        words, chosen = pick(scores.float().log_softmax(dim=1), words)
         words = words.masked_fill(done, model.null_id)
         total += chosen.masked_fill(done, 0.0)
         captions[:, t] = words
@@ -81,7 +84,7 @@ def step_decode(model: CaptioningRNN, features: Tensor, max_length: int, pick: P
     return Decoded(captions, total, attn)
 
 
-def _argmax(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+def _argmax(log_probs: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
     best, words = log_probs.max(dim=1)
     return words, best
 
@@ -181,7 +184,7 @@ def sample_decode(
     The log-probabilities are those of the distribution sampled from (tempered, top-k).
     """
 
-    def draw(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    def draw(log_probs: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
         logits = log_probs / temperature
         if top_k > 0:
             kth = logits.topk(min(top_k, logits.shape[1]), dim=1).values[:, -1:]

@@ -5,9 +5,16 @@ fuses ``scores = h W^T + b`` with it, as training uses it: it only projects the 
 works through them in row chunks so the (N*T, V) score matrix never exists, and computes the gradients of
 h, W and b while the chunk's scores are at hand (softmax minus one-hot, in place), so backward only scales
 them by the incoming gradient. Under autocast it falls back to the unfused autograd form.
+
+Both take optional per-caption ``weights`` (N,), which scale each caption's summed cross-entropy (the
+policy-gradient loss of self-critical training is this loss with weight = the sample's advantage), and
+``excluded`` word ids whose scores count as -inf (the decoders never emit ``<NULL>`` / ``<START>``, so the
+log-probability of a sampled caption is over the other words).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +25,8 @@ __all__ = ["temporal_softmax_loss", "linear_temporal_softmax_loss"]
 
 
 def temporal_softmax_loss(
-    scores: Tensor, targets: Tensor, ignore_index: int = 0, normalize: str = "batch"
+    scores: Tensor, targets: Tensor, ignore_index: int = 0, normalize: str = "batch",
+    weights: Tensor | None = None, excluded: Sequence[int] = (),
 ) -> Tensor:
     """Cross-entropy summed over all time steps whose target is not ``ignore_index``.
 
@@ -26,7 +34,8 @@ def temporal_softmax_loss(
 
     ``normalize="batch"`` (the default, the courses' convention) divides the sum by N, so the number is
     the per-caption loss and compares with the courses'; ``normalize="tokens"`` divides by the number of
-    kept tokens instead (the per-token loss, independent of caption length).
+    kept tokens instead (the per-token loss, independent of caption length). ``weights`` (N,) scale each
+    caption's terms; ``excluded`` word ids are left out of the softmax.
     """
     if scores.dim() != 3 or targets.shape != scores.shape[:2]:
         raise ValueError(
@@ -39,13 +48,23 @@ def temporal_softmax_loss(
         # Mixed precision: score in float32, as a sum over N*T tokens in bf16 (8-bit mantissa) loses the
         # loss's digits; autograd casts the gradient back to the scores' dtype.
         scores = scores.float()
+    if excluded:
+        scores = scores.index_fill(-1, torch.as_tensor(list(excluded), device=scores.device), float("-inf"))
     mask = targets != ignore_index
     # -log p(target) = logsumexp(scores) - score[target]; computed in a numerically stable form.
     log_norm = torch.logsumexp(scores, dim=-1)
     target_scores = scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     nll = (log_norm - target_scores).masked_fill(~mask, 0.0)
+    if weights is not None:
+        nll = nll * _check_weights(weights, scores.shape[0]).to(nll.dtype).unsqueeze(1)
     denominator = scores.shape[0] if normalize == "batch" else mask.sum().clamp(min=1)
     return nll.sum() / denominator
+
+
+def _check_weights(weights: Tensor, n: int) -> Tensor:
+    if weights.shape != (n,):
+        raise ValueError(f"weights must hold one value per caption, shape ({n},); got {tuple(weights.shape)}.")
+    return weights.detach()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,14 +76,16 @@ class _LinearSoftmaxLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, ignore_index: int, per_token: bool,
-        batch: int,
+        batch: int, row_weights: Tensor | None, excluded: Tensor | None,
     ) -> Tensor:
-        """h (M, H) rows, targets (M,); the sum of -log p(target) / (kept rows if per_token else batch)."""
+        """h (M, H) rows, targets (M,); the sum of w_row * -log p(target) / (kept rows if per_token else
+        batch), with the ``excluded`` columns' scores -inf."""
         need_dh, need_dW, need_db = ctx.needs_input_grad[:3]
         need_grad = need_dh or need_dW or need_db
         V = weight.shape[0]
         rows = (targets != ignore_index).nonzero().squeeze(1)  # only kept positions are projected at all
         h_kept, t_kept = h.index_select(0, rows), targets.index_select(0, rows)
+        w_kept = None if row_weights is None else row_weights.index_select(0, rows).to(h.dtype).unsqueeze(1)
         K = rows.shape[0]
         denom = float(max(K, 1)) if per_token else float(batch)
         chunk = max(1, min(K, _CHUNK_ELEMENTS // V))
@@ -77,16 +98,22 @@ class _LinearSoftmaxLossFunction(torch.autograd.Function):
             hc, tc = h_kept[start : start + chunk], t_kept[start : start + chunk]
             s = buffer[: hc.shape[0]]
             torch.addmm(bias, hc, weight.t(), out=s)
+            if excluded is not None:
+                s.index_fill_(1, excluded, float("-inf"))
             target_scores = s.gather(1, tc.unsqueeze(1))
             m = s.amax(dim=1, keepdim=True)
             sumexp = s.sub_(m).exp_().sum(dim=1, keepdim=True)
             # -log p(target) = log sum exp(s) - s_target
-            total += (m + sumexp.log() - target_scores).sum()
+            nll = m + sumexp.log() - target_scores
+            wc = None if w_kept is None else w_kept[start : start + chunk]
+            total += (nll if wc is None else nll * wc).sum()
             if not need_grad:
                 continue
-            # d loss / d scores = (softmax - one_hot) / denominator, made in place from exp(s - m)
-            s.mul_(sumexp.reciprocal_().mul_(1.0 / denom))
-            s[torch.arange(s.shape[0], device=s.device), tc] -= 1.0 / denom
+            # d loss / d scores = w (softmax - one_hot) / denominator, made in place from exp(s - m)
+            scale = sumexp.reciprocal_().mul_(1.0 / denom)
+            s.mul_(scale if wc is None else scale.mul_(wc))
+            step = torch.full_like(target_scores, 1.0 / denom) if wc is None else wc / denom
+            s.scatter_add_(1, tc.unsqueeze(1), -step)
             if need_dh:
                 torch.mm(s, weight, out=dh_kept[start : start + chunk])
             if need_dW:
@@ -105,7 +132,7 @@ class _LinearSoftmaxLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor) -> tuple:
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_loss if has else None for has in ctx.has]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def linear_temporal_softmax_loss(
@@ -115,8 +142,11 @@ def linear_temporal_softmax_loss(
     targets: Tensor,
     ignore_index: int = 0,
     normalize: str = "batch",
+    weights: Tensor | None = None,
+    excluded: Sequence[int] = (),
 ) -> Tensor:
-    """``temporal_softmax_loss(h @ weight.T + bias, targets, ignore_index, normalize)`` without the scores.
+    """``temporal_softmax_loss(h @ weight.T + bias, targets, ignore_index, normalize, weights, excluded)``
+    without the scores.
 
     h (N, T, H), weight (V, H), bias (V,) (an ``nn.Linear(H, V)``'s parameters), targets (N, T) -> scalar
     loss, differentiable in h, weight and bias (not twice). Positions whose target is ``ignore_index`` are
@@ -136,8 +166,11 @@ def linear_temporal_softmax_loss(
         and not torch.is_autocast_enabled(h.device.type)
     )
     if not fusable:
-        return temporal_softmax_loss(F.linear(h, weight, bias), targets, ignore_index, normalize)
+        return temporal_softmax_loss(F.linear(h, weight, bias), targets, ignore_index, normalize, weights, excluded)
     N, T, H = h.shape
+    row_weights = None if weights is None else _check_weights(weights, N).repeat_interleave(T)
+    excluded_ids = torch.as_tensor(list(excluded), dtype=torch.long, device=h.device) if excluded else None
     return _LinearSoftmaxLossFunction.apply(
-        h.reshape(N * T, H), weight, bias, targets.reshape(N * T), ignore_index, normalize == "tokens", N
+        h.reshape(N * T, H), weight, bias, targets.reshape(N * T), ignore_index, normalize == "tokens", N,
+        row_weights, excluded_ids,
     )
