@@ -370,7 +370,7 @@ def ground_caption(caption: str, scene: Mapping[str, Any], lexicon: Lexicon = SH
                 all(getattr(mention, a) in (None, obj.get(a)) for a in ("size", "color", "shape")) for obj in objects
             )
             result.add("count", matching == mention.count,
-                       f"{mention.count} {mention.describe()} (the image has {matching})")
+                       f"{mention.count} {mention.describe()}{'s' if mention.count != 1 else ''} (the image has {matching})")
 
     # the objects named: each mention is `count` instances (a bare plural: at least two)
     instances: list[Mention] = []
@@ -395,8 +395,9 @@ def ground_caption(caption: str, scene: Mapping[str, Any], lexicon: Lexicon = SH
         for attribute in ("color", "shape", "size"):
             stated = getattr(inst, attribute)
             if stated is not None:
-                result.add(attribute, obj is not None and obj.get(attribute) == stated,
-                           f"{inst.describe()}: {attribute} {stated}" + ("" if obj is not None else " (no such object)"))
+                right = obj is not None and obj.get(attribute) == stated
+                what = "no such object" if obj is None else f"it is {obj.get(attribute)}"
+                result.add(attribute, right, f"{inst.describe()}: {attribute} {stated}" + ("" if right else f" ({what})"))
         if inst.names_object:
             result.named_pairs += 1
             ok = obj is not None and obj.get("color") == inst.color and obj.get("shape") == inst.shape
