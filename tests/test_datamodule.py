@@ -270,8 +270,9 @@ def test_image_missing_at_setup_is_listed(coco_root):
 
 
 def test_image_vanishing_after_setup_is_skipped_or_named(coco_root):
-    root, year = coco_root
-    lenient, strict = make_dm(root, year), make_dm(root, year, on_bad_image="fail")
+    root, year = coco_root  # images read from disk each time (a set too large to hold in memory)
+    lenient = make_dm(root, year, cache_images=False)
+    strict = make_dm(root, year, on_bad_image="fail", cache_images=False)
     for dm in (lenient, strict):
         dm.prepare_data()
         dm.setup("fit")
@@ -437,3 +438,37 @@ def test_loader_arguments_are_constructor_arguments():
     for cls in (CocoCaptionsDataModule, ShapesDataModule):
         params = set(inspect.signature(cls.__init__).parameters)
         assert set(cls.LOADER_ARGUMENTS) <= params, set(cls.LOADER_ARGUMENTS) - params
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_images_held_in_memory_are_the_files_tensors(coco_root, augment):
+    """cache_images: the same samples as reading the files, decoded once; no DataLoader workers."""
+    root, year = coco_root
+    kwargs = {"num_workers": 2, "augment": augment}
+    held, read = make_dm(root, year, cache_images=True, **kwargs), make_dm(root, year, cache_images=False, **kwargs)
+    for dm in (held, read):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert held.datasets["val"].source.decoded is not None and read.datasets["val"].source.decoded is None
+    for k in range(len(held.datasets["val"])):
+        torch.testing.assert_close(held.datasets["val"][k]["image"], read.datasets["val"][k]["image"], rtol=0, atol=0)
+    if not augment:  # with augmentation both draw random crops: the shapes still agree
+        for k in range(len(held.datasets["train"])):
+            assert torch.equal(held.datasets["train"][k]["image"], read.datasets["train"][k]["image"])
+    assert held.train_dataloader().num_workers == 0 and read.train_dataloader().num_workers == 2
+    # the file is not read again
+    (root / f"val{year}" / _file_name("val", year, 11)).unlink()
+    ids = [i for batch in held.val_dataloader() for i in batch["image_ids"].tolist()]
+    assert ids == [10, 11, 12] and held.bad_image_count == 0
+
+
+def test_auto_holds_a_split_in_memory_only_within_the_budget(coco_root):
+    root, year = coco_root
+    small, none = make_dm(root, year), make_dm(root, year, image_cache_mb=0)
+    for dm in (small, none):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert small.datasets["train"].source.decoded is not None  # a few KB
+    assert none.datasets["train"].source.decoded is None
+    with pytest.raises(ValueError, match="data.cache_images"):
+        make_dm(root, year, cache_images="sometimes")

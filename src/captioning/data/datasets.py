@@ -31,29 +31,35 @@ __all__ = [
     "Source",
     "TransformedImages",
     "collate_captions",
+    "decoded_megabytes",
 ]
 
 
 class ImageSource:
     """Image ``i`` of a split -> ``{"image": (3, S, S)}``, or a :class:`BadImage` when it cannot be read.
 
-    ``on_bad_image="fail"`` raises instead (FileNotFoundError or a ValueError naming the file).
+    ``on_bad_image="fail"`` raises instead (FileNotFoundError or a ValueError naming the file). After
+    :meth:`hold_in_memory` the decoded images (uint8, as the files hold them) come from memory: the same
+    tensors, without decoding a JPEG per sample (for sets small enough; see the DataModule's
+    ``cache_images``).
     """
 
     def __init__(self, paths: np.ndarray, pipeline: ImagePipeline, log: BadImageLog,
                  on_bad_image: str = "skip") -> None:
         self.paths, self.pipeline, self.log = paths, pipeline, log
         self.on_bad_image = on_bad_image
+        self.decoded: list[torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __call__(self, index: int) -> dict[str, torch.Tensor] | BadImage:
+    def _decode(self, index: int) -> torch.Tensor | BadImage:
+        """The image as the pipeline stores it (uint8 (3, S, S)), or a BadImage (recorded) when unreadable."""
         path = str(self.paths[index])
         if self.log.is_bad(index) and self.on_bad_image == "skip":
             return BadImage(path, "unreadable (see the earlier warning)")
         try:
-            image = self.pipeline.load(path)
+            return self.pipeline.stored(self.pipeline.load(path))
         except (FileNotFoundError, BadImageError) as err:
             if self.on_bad_image == "fail":
                 raise type(err)(
@@ -61,7 +67,36 @@ class ImageSource:
                     "to skip unreadable images with a warning and train on."
                 ) from err
             return self.log.record(index, str(err))
+
+    def hold_in_memory(self, progress: bool = False, description: str = "decoding images") -> None:
+        """Decode every image once and keep it (uint8): later samples skip the file and the JPEG decoder."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        decoded: list[torch.Tensor | None] = []
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), disable=not progress) as bar:
+            for index in bar.track(range(len(self.paths)), description=description):
+                image = self._decode(index)
+                decoded.append(None if isinstance(image, BadImage) else image)
+        self.decoded = decoded
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor] | BadImage:
+        image = self.decoded[index] if self.decoded is not None else self._decode(index)
+        if image is None:
+            return BadImage(str(self.paths[index]), "unreadable (see the earlier warning)")
+        if isinstance(image, BadImage):
+            return image
         return {"image": self.pipeline(image)}
+
+
+def decoded_megabytes(source: ImageSource, sample: int = 8) -> float:
+    """What holding every image of ``source`` decoded would take, in MB, estimated from a few of them."""
+    sizes = []
+    for index in np.linspace(0, len(source) - 1, num=min(sample, len(source)), dtype=int):
+        image = source._decode(int(index))
+        if not isinstance(image, BadImage):
+            sizes.append(image.numel())
+    return float(np.mean(sizes)) * len(source) / 1e6 if sizes else 0.0
 
 
 class TransformedImages(Dataset):

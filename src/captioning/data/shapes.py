@@ -435,14 +435,14 @@ class ShapesDataModule(CocoCaptionsDataModule):
                  num_workers: int = 2, pin_memory: bool = False, persistent_workers: bool = True,
                  augment: bool = False, progress: bool = True, on_bad_image: str = "skip",
                  max_image_pixels: int | None = None, feature_cache: bool = False, cache_dir: str | None = None,
-                 feature_dtype: str = "float16") -> None:
+                 feature_dtype: str = "float16", cache_images: bool | str = "auto", image_cache_mb: int = 2048) -> None:
         super().__init__(root=root, year=YEAR, train_split="train", val_split="val", test_split="test",
                          image_size=image_size, max_length=max_length, min_word_count=min_word_count,
                          vocab_path=vocab_path, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, persistent_workers=persistent_workers, augment=augment,
                          on_bad_image=on_bad_image, max_image_pixels=max_image_pixels,
                          feature_cache=feature_cache, cache_dir=cache_dir, feature_dtype=feature_dtype,
-                         progress=progress)
+                         progress=progress, cache_images=cache_images, image_cache_mb=image_cache_mb)
         self.generator_args = {"num_train": num_train, "num_val": num_val, "num_test": num_test,
                                "image_size": image_size, "seed": seed}
         self.progress = progress

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from captioning.data.images import load_image
 
@@ -46,6 +47,12 @@ def image_transform(image_size: int, augment: bool = False) -> Callable[[Image.I
 class ImagePipeline:
     """An image file -> (3, S, S) float tensor, as every entry point reads images.
 
+    Without augmentation the steps are spelled out with torchvision's functional ops — decode to uint8,
+    resize, scale to [0, 1], normalise — the same kernels :func:`image_transform` runs, so the tensors are
+    equal to its, without its per-call overhead; :meth:`stored` and :meth:`finish` split them so that a
+    DataModule holding a small set's images in memory keeps them decoded and resized (uint8) and only
+    finishes them per sample.
+
     Args:
         image_size: S, the side images are resized to (the DataModule's ``image_size``).
         augment: the training augmentation (:func:`image_transform`); off for evaluation and captioning.
@@ -60,9 +67,29 @@ class ImagePipeline:
         """The file as RGB; FileNotFoundError or BadImageError (a ValueError naming the file) if it cannot be."""
         return load_image(path, self.max_pixels)
 
-    def __call__(self, image: str | Path | Image.Image) -> torch.Tensor:
-        """A file (or an RGB image already loaded with :meth:`load`) -> (3, S, S)."""
-        return self.transform(image if isinstance(image, Image.Image) else self.load(image))
+    def stored(self, image: Image.Image) -> torch.Tensor:
+        """What a cache of this pipeline's inputs holds: the image as uint8 (3, H, W), resized to (3, S, S)
+        unless the pipeline augments (the random crop then needs the whole image)."""
+        pixels = F.pil_to_tensor(image)
+        return pixels if self.augment else self._resize(pixels)
+
+    def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        if tuple(pixels.shape[-2:]) == (self.image_size, self.image_size):
+            return pixels  # what Resize does with an image of the size already
+        return F.resize(pixels, [self.image_size, self.image_size], antialias=True)
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, S, S) -> float32 in [0, 1], ImageNet-normalised."""
+        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+
+    def __call__(self, image: str | Path | Image.Image | torch.Tensor) -> torch.Tensor:
+        """A file, an RGB image loaded with :meth:`load`, or :meth:`stored`'s tensor -> (3, S, S)."""
+        if not isinstance(image, Image.Image | torch.Tensor):
+            image = self.load(image)
+        if self.augment:
+            return self.transform(image).as_subclass(torch.Tensor)
+        pixels = image if isinstance(image, torch.Tensor) else F.pil_to_tensor(image)
+        return self.finish(self._resize(pixels))
 
     def __repr__(self) -> str:
         return f"ImagePipeline(image_size={self.image_size}, augment={self.augment}, transform={self.transform!r})"

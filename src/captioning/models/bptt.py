@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import gemm
+
 __all__ = [
     "rnn_forward_manual",
     "lstm_forward_manual",
@@ -91,10 +93,20 @@ def _input_gradients(ctx_needs: tuple[bool, ...], x_tm: Tensor, da: Tensor, Wx: 
     """dx (N, T, D), dWx (D, G), db (G,) from da (T, N, G) in one matmul each (None where not needed)."""
     T, _, G = da.shape
     da_flat = da.view(T * N, G)
-    dx = (da_flat @ Wx.t()).view(T, N, -1).transpose(0, 1) if ctx_needs[0] else None
-    dWx = x_tm.t() @ da_flat if ctx_needs[2] else None
+    dx = gemm.mm(da_flat, Wx.t()).view(T, N, -1).transpose(0, 1) if ctx_needs[0] else None
+    dWx = gemm.mm(x_tm.t(), da_flat) if ctx_needs[2] else None
     db = da_flat.sum(0) if ctx_needs[-1] else None
     return dx, dWx, db
+
+
+def _input_projection(x_tm: Tensor, Wx: Tensor, b: Tensor, T: int, N: int) -> Tensor:
+    """Every step's ``x_t Wx + b`` in one matmul: (T, N, G)."""
+    return gemm.linear(x_tm, Wx.t(), b).view(T, N, -1)
+
+
+def _time_major_grads(dh_out: Tensor) -> Tensor:
+    """The incoming gradient (N, T, H) as a contiguous time-major (T, N, H): every step's slice contiguous."""
+    return dh_out.transpose(0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,12 +117,11 @@ class _RNNFunction(torch.autograd.Function):
         N, T, _ = x.shape
         H = h0.shape[1]
         x_tm = _time_major(x)
-        a = torch.addmm(b, x_tm, Wx).view(T, N, H)  # every step's input projection in one matmul
+        xw = _input_projection(x_tm, Wx, b, T, N)  # every step's input projection in one matmul
         hs = x.new_empty(T + 1, N, H)  # hs[0] = h0, hs[t + 1] = h_t
         hs[0] = h0
         for t in range(T):
-            a[t].addmm_(hs[t], Wh)
-            _tanh(a[t], out=hs[t + 1])
+            _tanh(gemm.addmm(xw[t], hs[t], Wh), out=hs[t + 1])
         ctx.save_for_backward(x_tm, Wx, Wh, hs)
         return _batch_major(hs[1:])
 
@@ -123,14 +134,15 @@ class _RNNFunction(torch.autograd.Function):
         WhT = Wh.t()
         # da starts as tanh'(a) = 1 - h^2 for every step at once, then is scaled by dh step by step.
         da = torch.mul(hs[1:], hs[1:]).neg_().add_(1.0)
-        dh = dh_out[:, T - 1].clone()
+        dh_tm = _time_major_grads(dh_out)
+        dh = dh_tm[T - 1]
         for t in range(T - 1, -1, -1):
             da[t].mul_(dh)
             if t:
-                torch.addmm(dh_out[:, t - 1], da[t], WhT, out=dh)  # upstream grad + recurrent grad
+                dh = gemm.addmm(dh_tm[t - 1], da[t], WhT)  # upstream grad + recurrent grad
         dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
-        dh0 = da[0] @ WhT if ctx.needs_input_grad[1] else None
-        dWh = hs[:-1].reshape(T * N, H).t() @ da.view(T * N, H) if ctx.needs_input_grad[3] else None
+        dh0 = gemm.mm(da[0], WhT) if ctx.needs_input_grad[1] else None
+        dWh = gemm.mm(hs[:-1].reshape(T * N, H).t(), da.view(T * N, H)) if ctx.needs_input_grad[3] else None
         return dx, dh0, dWx, dWh, db
 
 
@@ -221,36 +233,38 @@ class _LSTMFunction(torch.autograd.Function):
         N, T, _ = x.shape
         H = h0.shape[1]
         x_tm = _time_major(x)
-        gates = torch.addmm(b, x_tm, Wx).view(T, N, 4 * H)  # pre-activations, then activations in place
+        xw = _input_projection(x_tm, Wx, b, T, N)
         hs = x.new_empty(T + 1, N, H)
         cs = x.new_empty(T + 1, N, H)
         hs[0] = h0
         cs[0].zero_()
         tanh_c = x.new_empty(N, H)
+        gates = []  # each step's pre-activations (N, 4H), turned into the gate activations in place
         for t in range(T):
-            gates[t].addmm_(hs[t], Wh)
+            gates.append(gemm.addmm(xw[t], hs[t], Wh))
             _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_c, hs[t + 1])
-        ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, gates)
+        ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, *gates)
         return _batch_major(hs[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh_out: Tensor) -> tuple:
-        x_tm, Wx, Wh, hs, cs, gates = ctx.saved_tensors
+        x_tm, Wx, Wh, hs, cs, *gates = ctx.saved_tensors
         T1, N, H = hs.shape
         T = T1 - 1
         WhT = Wh.t()
         step = _LSTMBackwardStep(gates[0])
-        da = torch.empty_like(gates)
-        dh = dh_out[:, T - 1].clone()
+        da = gates[0].new_empty(T, N, 4 * H)
+        dh_tm = _time_major_grads(dh_out)
+        dh = dh_tm[T - 1].clone()
         dc = torch.zeros_like(dh)
         for t in range(T - 1, -1, -1):
             step(gates[t], cs[t], cs[t + 1], dh, dc, da[t])
             if t:
-                torch.addmm(dh_out[:, t - 1], da[t], WhT, out=dh)
+                dh = gemm.addmm(dh_tm[t - 1], da[t], WhT)
         dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
-        dh0 = da[0] @ WhT if ctx.needs_input_grad[1] else None
-        dWh = hs[:-1].reshape(T * N, H).t() @ da.view(T * N, 4 * H) if ctx.needs_input_grad[3] else None
+        dh0 = gemm.mm(da[0], WhT) if ctx.needs_input_grad[1] else None
+        dWh = gemm.mm(hs[:-1].reshape(T * N, H).t(), da.view(T * N, 4 * H)) if ctx.needs_input_grad[3] else None
         return dx, dh0, dWx, dWh, db
 
 
@@ -273,7 +287,8 @@ class _AttentionLSTMFunction(torch.autograd.Function):
         scale = 1.0 / math.sqrt(H)
         W_ha = torch.cat([Wh, Wattn], dim=0)  # (2H, 4H)
         x_tm = _time_major(x)
-        gates = torch.addmm(b, x_tm, Wx).view(T, N, 4 * H)
+        xw = _input_projection(x_tm, Wx, b, T, N)
+        gates = []
         hx = x.new_zeros(T + 1, N, 2 * H)  # hx[t] = [h_t, attn_{t+1}]; hx[T, :, H:] stays 0
         cs = x.new_empty(T + 1, N, H)
         weights = x.new_empty(T, N, P)
@@ -287,30 +302,31 @@ class _AttentionLSTMFunction(torch.autograd.Function):
             weights[t] = scores.softmax(dim=1)
             # (1, P) @ (P, H) per image: the row-vector form is ~6x faster on CPU than A (H, P) @ w (P, 1)
             attn.copy_(torch.bmm(weights[t].unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1))
-            gates[t].addmm_(hx[t], W_ha)
+            gates.append(gemm.addmm(xw[t], hx[t], W_ha))
             _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_c, h_next)
             hx[t + 1, :, :H] = h_next
-        ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, gates, weights)
+        ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, weights, *gates)
         ctx.A_shape = A.shape
         return _batch_major(hx[1:, :, :H])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh_out: Tensor) -> tuple:
-        x_tm, A_flat, Wx, W_ha, hx, cs, gates, weights = ctx.saved_tensors
+        x_tm, A_flat, Wx, W_ha, hx, cs, weights, *gates = ctx.saved_tensors
         T1, N, H2 = hx.shape
         T, H, P = T1 - 1, H2 // 2, A_flat.shape[2]
         scale = 1.0 / math.sqrt(H)
         W_haT = W_ha.t()
         step = _LSTMBackwardStep(gates[0])
-        da = torch.empty_like(gates)
+        da = gates[0].new_empty(T, N, 4 * H)
         dhx = torch.empty(T, N, 2 * H, dtype=hx.dtype, device=hx.device)  # grads of [h_{t-1}, attn_t]
         dscores = torch.empty_like(weights)
-        dh = dh_out[:, T - 1].clone()
+        dh_tm = _time_major_grads(dh_out)
+        dh = dh_tm[T - 1].clone()
         dc = torch.zeros_like(dh)
         for t in range(T - 1, -1, -1):
             step(gates[t], cs[t], cs[t + 1], dh, dc, da[t])
-            torch.mm(da[t], W_haT, out=dhx[t])
+            dhx[t] = gemm.mm(da[t], W_haT)
             # attn_t = A softmax(A^T h_{t-1} / sqrt(H)): back through the weighted sum and the softmax.
             w = weights[t]
             dw = torch.bmm(dhx[t, :, H:].unsqueeze(1), A_flat).squeeze(1)  # (N, P)
@@ -319,7 +335,7 @@ class _AttentionLSTMFunction(torch.autograd.Function):
             dh_attn = torch.bmm(dw.unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1)
             # the gradient reaching h_{t-1}: its own output's, the recurrence's and the attention's
             if t:
-                torch.add(dh_out[:, t - 1], dhx[t, :, :H], out=dh)
+                torch.add(dh_tm[t - 1], dhx[t, :, :H], out=dh)
             else:
                 dh.copy_(dhx[t, :, :H])
             dh.add_(dh_attn, alpha=scale)
@@ -334,7 +350,7 @@ class _AttentionLSTMFunction(torch.autograd.Function):
         dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
         dWh = dWattn = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            dW_ha = hx[:T].reshape(T * N, 2 * H).t() @ da.view(T * N, 4 * H)
+            dW_ha = gemm.mm(hx[:T].reshape(T * N, 2 * H).t(), da.view(T * N, 4 * H))
             dWh, dWattn = dW_ha[:H], dW_ha[H:]
         return dx, dA, dWx, dWh, dWattn, db
 

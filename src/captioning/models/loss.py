@@ -21,6 +21,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from . import gemm
+
 __all__ = ["temporal_softmax_loss", "linear_temporal_softmax_loss"]
 
 
@@ -93,11 +95,9 @@ class _LinearSoftmaxLossFunction(torch.autograd.Function):
         dh_kept = torch.empty_like(h_kept) if need_dh else None
         dW = torch.zeros_like(weight) if need_dW else None
         db = torch.zeros_like(bias) if need_db else None
-        buffer = h.new_empty(chunk, V)
         for start in range(0, K, chunk):
             hc, tc = h_kept[start : start + chunk], t_kept[start : start + chunk]
-            s = buffer[: hc.shape[0]]
-            torch.addmm(bias, hc, weight.t(), out=s)
+            s = gemm.linear(hc, weight, bias)
             if excluded is not None:
                 s.index_fill_(1, excluded, float("-inf"))
             target_scores = s.gather(1, tc.unsqueeze(1))
@@ -115,9 +115,9 @@ class _LinearSoftmaxLossFunction(torch.autograd.Function):
             step = torch.full_like(target_scores, 1.0 / denom) if wc is None else wc / denom
             s.scatter_add_(1, tc.unsqueeze(1), -step)
             if need_dh:
-                torch.mm(s, weight, out=dh_kept[start : start + chunk])
+                dh_kept[start : start + chunk] = gemm.mm(s, weight)
             if need_dW:
-                dW.addmm_(s.t(), hc)
+                dW += gemm.mm(s.t(), hc)
             if need_db:
                 db += s.sum(dim=0)
         dh = None
