@@ -64,7 +64,7 @@ def test_overrides_reach_constructors(tmp_path):
     module = instantiate(cfg.module, _recursive_=False)
     assert module.hparams.decoder == {"_target_": "captioning.models.CaptioningRNN", "cell_type": "attention",
                                       "wordvec_dim": 128, "hidden_dim": 64, "dropout": 0.0, "loss_normalize": "batch",
-                                      "backward": "autograd", "feature_pool": "max", "feature_grid": 4,
+                                      "backward": "manual", "feature_pool": "max", "feature_grid": 4,
                                       "image_input": False}
     assert module.hparams.optimizer["lr"] == 0.01
     assert instantiate(cfg.data).batch_size == 8
