@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_core", "bench_decoding", "bench_metrics", "bench_data", "bench_scst")
-COMMON = ("bench_core", "bench_decoding", "bench_data", "bench_scst")  # the scripts built on benchmarks/common.py
+SCRIPTS = ("bench_core", "bench_decoding", "bench_metrics", "bench_data", "bench_scst", "bench_loop", "bench_export")
+COMMON = ("bench_core", "bench_decoding", "bench_data", "bench_scst", "bench_export")  # the scripts built on benchmarks/common.py
 
 
 def main(argv: list[str]) -> int:

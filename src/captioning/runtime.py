@@ -1,0 +1,233 @@
+"""Captions from an exported captioner, without the ``captioning`` package: NumPy and ONNX Runtime (or
+PyTorch for the TorchScript export), nothing else.
+
+``src/export.py`` writes this file into the export folder as ``run.py``, beside ``encoder.onnx`` and
+``step.onnx`` (or ``.pt``), ``vocab.json`` and ``config.json``::
+
+    pip install numpy pillow onnxruntime          # (torch instead of onnxruntime for format=torchscript)
+    python run.py <export folder> photo.jpg other.png [--beam 3] [--max-length 20]
+
+or from Python::
+
+    from run import ExportedCaptioner
+    captioner = ExportedCaptioner("exported/")
+    captioner.caption_files(["photo.jpg"])           # [("a red square on the left", -1.23)]
+
+The encoder graph maps images (N, 3, S, S) to the decoder's initial state; the step graph maps the words
+fed (N,) and the state to the next word's log-probabilities (N, V) and the next state (the hand-written
+cell inside). The loops below — greedy decoding, and beam search that keeps the greedy hypothesis in the
+beam — are the same algorithms as ``captioning.models.decoding``, so the captions are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ExportedCaptioner"]
+
+
+class _Session:
+    """One exported graph: ``run(inputs dict) -> list of arrays`` for ONNX Runtime or TorchScript."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.suffix == ".onnx":
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            self.kind = "onnx"
+        else:
+            import warnings
+
+            import torch
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is in maintenance: still loads
+                self.module = torch.jit.load(str(path), map_location="cpu").eval()
+            self.kind = "torchscript"
+
+    def run(self, names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.kind == "onnx":
+            return self.session.run(None, {k: inputs[k] for k in self.inputs})
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(*(torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in names))
+        return [t.numpy() for t in (out if isinstance(out, tuple | list) else (out,))]
+
+
+def _log_softmax_scores(log_probs: np.ndarray) -> np.ndarray:
+    return log_probs.astype(np.float32, copy=False)
+
+
+class ExportedCaptioner:
+    """An export folder, ready to caption images.
+
+    ``config.json`` says the image size and normalisation, the special token ids, the state's names (which
+    the encoder returns and the step takes and gives back) and the file format.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.config = json.loads((self.folder / "config.json").read_text())
+        self.words: list[str] = json.loads((self.folder / "vocab.json").read_text())
+        suffix = ".onnx" if self.config["format"] == "onnx" else ".pt"
+        self.encoder = _Session(self.folder / f"encoder{suffix}")
+        self.step_graph = _Session(self.folder / f"step{suffix}")
+        self.state_names: list[str] = self.config["state"]  # what the encoder gives, in order
+        self.carried: list[str] = self.config["carried"]  # what the step gives back, in order
+        self.null_id, self.start_id, self.end_id = (self.config[k] for k in ("null_id", "start_id", "end_id"))
+
+    # ------------------------------------------------------------------------------------ images
+    def preprocess(self, image) -> np.ndarray:
+        """A file or PIL image -> (3, S, S) float32 as training saw it: RGB (transparency over white),
+        resized to S x S, scaled to [0, 1] and normalised. (Resizing is PIL's bilinear filter; training used
+        torchvision's, which can differ in the last bits for images of another size than S.)"""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = image.convert("RGB")
+        size = self.config["image_size"]
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        mean = np.asarray(self.config["mean"], dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.config["std"], dtype=np.float32).reshape(3, 1, 1)
+        return ((pixels - mean) / std).astype(np.float32)
+
+    # ------------------------------------------------------------------------------------ graphs
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """images (N, 3, S, S) float32 -> the decoder's initial state by name."""
+        outputs = self.encoder.run(["images"], {"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return dict(zip(self.state_names, outputs, strict=True))
+
+    def step(self, words: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+        """words (N,) int64 -> (log-probabilities (N, V), the next state, attention weights or None)."""
+        outputs = self.step_graph.run(["words", *self.state_names], {"words": words.astype(np.int64), **state})
+        log_probs = _log_softmax_scores(outputs[0])
+        new_state = dict(state)
+        new_state.update(zip(self.carried, outputs[1:1 + len(self.carried)], strict=True))
+        weights = outputs[1 + len(self.carried)] if len(outputs) > 1 + len(self.carried) else None
+        return log_probs, new_state, weights
+
+    # ------------------------------------------------------------------------------------ decoding
+    def greedy(self, images: np.ndarray, max_length: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """The most likely word at every step: captions (N, L) ending in <END> then <NULL>, log-probs (N,)."""
+        state = self.encode(images)
+        N = images.shape[0]
+        words = np.full(N, self.start_id, dtype=np.int64)
+        captions = np.full((N, max_length), self.null_id, dtype=np.int64)
+        total = np.zeros(N, dtype=np.float32)
+        done = np.zeros(N, dtype=bool)
+        for t in range(max_length):
+            log_probs, state, _ = self.step(words, state)
+            words = log_probs.argmax(axis=1)
+            best = log_probs[np.arange(N), words]
+            words = np.where(done, self.null_id, words)
+            total += np.where(done, 0.0, best).astype(np.float32)
+            captions[:, t] = words
+            done |= words == self.end_id
+            if done.all():
+                break
+        return captions, total
+
+    def beam(self, images: np.ndarray, beam_size: int = 3, max_length: int = 20,
+             length_penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Beam search over N x K hypotheses, the greedy hypothesis kept in the beam (it never returns a less
+        likely caption than greedy); the pick maximises log p / length ** length_penalty."""
+        if beam_size == 1:
+            return self.greedy(images, max_length)
+        N, K = images.shape[0], beam_size
+        state = {k: np.repeat(v, K, axis=0) for k, v in self.encode(images).items()}
+        words = np.full(N * K, self.start_id, dtype=np.int64)
+        captions = np.full((N, K, max_length), self.null_id, dtype=np.int64)
+        scores = np.full((N, K), -np.inf, dtype=np.float32)
+        scores[:, 0] = 0.0
+        done = np.zeros((N, K), dtype=bool)
+        lengths = np.zeros((N, K), dtype=np.float32)
+        greedy_beam = np.zeros(N, dtype=np.int64)
+        images_idx = np.arange(N)
+        for t in range(max_length):
+            log_probs, state, _ = self.step(words, state)
+            V = log_probs.shape[1]
+            log_probs = log_probs.reshape(N, K, V)
+            ended = np.full(V, -np.inf, dtype=np.float32)
+            ended[self.null_id] = 0.0
+            log_probs = np.where(done[..., None], ended, log_probs)
+            candidates = (scores[..., None] + log_probs).reshape(N, K * V)
+            flat = _topk(candidates, K)
+            scores = np.take_along_axis(candidates, flat, axis=1)
+            greedy_flat = greedy_beam * V + log_probs[images_idx, greedy_beam].argmax(axis=1)
+            kept = (flat == greedy_flat[:, None]).any(axis=1)
+            lost = ~kept
+            flat[lost, K - 1] = greedy_flat[lost]
+            scores[lost, K - 1] = candidates[lost, greedy_flat[lost]]
+            greedy_beam = (flat == greedy_flat[:, None]).astype(np.int32).argmax(axis=1)
+            beam, chosen = flat // V, flat % V
+            rows = (beam + images_idx[:, None] * K).reshape(-1)
+            state = {k: (v[rows] if k in self.carried else v) for k, v in state.items()}
+            captions = np.take_along_axis(captions, beam[..., None], axis=1).copy()
+            captions[:, :, t] = chosen
+            prev_done = np.take_along_axis(done, beam, axis=1)
+            lengths = np.take_along_axis(lengths, beam, axis=1) + (~prev_done).astype(np.float32)
+            done = prev_done | (chosen == self.end_id)
+            words = chosen.reshape(-1)
+            if done.all():
+                break
+        final = scores / np.maximum(lengths, 1.0) ** length_penalty if length_penalty else scores
+        best = final.argmax(axis=1)
+        return captions[images_idx, best], scores[images_idx, best]
+
+    # ------------------------------------------------------------------------------------ text
+    def text(self, ids: np.ndarray) -> str:
+        words = []
+        for i in ids.tolist():
+            if i == self.end_id:
+                break
+            if i not in (self.null_id, self.start_id):
+                words.append(self.words[i])
+        return " ".join(words)
+
+    def caption_files(self, files, beam_size: int = 1, max_length: int = 20) -> list[tuple[str, float]]:
+        images = np.stack([self.preprocess(f) for f in files])
+        captions, log_probs = self.beam(images, beam_size, max_length)
+        return [(self.text(c), float(p)) for c, p in zip(captions, log_probs, strict=True)]
+
+
+def _topk(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row, largest first; ties to the lower index (as torch)."""
+    order = np.argsort(-values, axis=1, kind="stable")
+    return order[:, :k].copy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Caption images with an exported captioner.")
+    parser.add_argument("folder", help="the export folder (config.json, vocab.json, encoder/step graphs)")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    parser.add_argument("--max-length", type=int, default=20)
+    args = parser.parse_args(argv)
+    captioner = ExportedCaptioner(args.folder)
+    for path, (caption, log_prob) in zip(args.images, captioner.caption_files(args.images, args.beam, args.max_length),
+                                         strict=True):
+        print(f"{path}\t{caption}\t{log_prob:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The exported captioner (ONNX, TorchScript) decodes as the PyTorch model does, through its own run.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from captioning.export import export_captioner, load_exported, verify_export
+from captioning.models.decoding import beam_search, greedy_decode
+from captioning.module import CaptioningModule
+
+from entrypoints import compose, load_entry_point, run, tiny
+
+WORDS = ["<NULL>", "<START>", "<END>", "<UNK>", *[f"w{k}" for k in range(16)]]
+
+
+def module(cell_type: str, seed: int = 0) -> CaptioningModule:
+    torch.manual_seed(seed)
+    m = CaptioningModule(
+        encoder={"_target_": "captioning.models.encoder.SmallCNN", "out_dim": 16, "channels": [8, 16]},
+        decoder={"_target_": "captioning.models.CaptioningRNN", "cell_type": cell_type, "wordvec_dim": 8,
+                 "hidden_dim": 16, "image_input": cell_type != "attention", "feature_pool": "max"},
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, vocab=WORDS,
+        decoding={"_target_": "captioning.models.decoding.CaptionDecoder", "strategy": "greedy", "max_length": 8},
+    ).eval()
+    with torch.no_grad():  # peaky distributions: captions that end, and beams with work to do
+        m.decoder.vocab_proj.weight.mul_(6)
+    return m
+
+
+def compare(m: CaptioningModule, folder, images: torch.Tensor, max_length: int = 8) -> None:
+    exported = load_exported(folder)
+    with torch.no_grad():
+        features = m.encoder(images)
+        greedy = greedy_decode(m.decoder, features, max_length)
+        beam = beam_search(m.decoder, features, beam_size=3, max_length=max_length)
+    captions, log_probs = exported.greedy(images.numpy(), max_length)
+    np.testing.assert_array_equal(captions, greedy.captions.numpy())  # greedy: exactly
+    np.testing.assert_allclose(log_probs, greedy.log_probs.numpy(), rtol=1e-5, atol=1e-5)
+    captions, log_probs = exported.beam(images.numpy(), 3, max_length)
+    np.testing.assert_allclose(log_probs, beam.log_probs.numpy(), rtol=1e-5, atol=1e-5)  # beam: to float tolerance
+    same = (captions == beam.captions.numpy()).all(axis=1)
+    assert same.mean() >= 0.9, f"{(~same).sum()} of {len(same)} beam captions differ"
+
+
+@pytest.mark.parametrize("cell_type", ["rnn", "lstm", "attention"])
+def test_torchscript_export_decodes_as_pytorch(tmp_path, cell_type):
+    m = module(cell_type)
+    folder = export_captioner(m, 16, tmp_path / "exported", "torchscript")
+    compare(m, folder, torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+
+
+def test_onnx_export_folder_and_its_run_py(tmp_path):
+    m = module("attention")
+    folder = export_captioner(m, 16, tmp_path / "exported", "onnx")
+    assert {p.name for p in folder.iterdir()} == {"encoder.onnx", "step.onnx", "vocab.json", "config.json", "run.py"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["state"] == ["h", "c", "A"] and config["carried"] == ["h", "c"] and config["image_size"] == 16
+    assert json.loads((folder / "vocab.json").read_text()) == WORDS
+    compare(m, folder, torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    verify_export(m, folder)
+    # run.py needs neither this package nor torch: the standalone command line on an image file
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    code = "import sys; sys.modules['captioning'] = None; sys.modules['torch'] = None; import runpy; " \
+           f"sys.argv = ['run.py', {str(folder)!r}, {str(tmp_path / 'a.png')!r}]; runpy.run_path({str(folder / 'run.py')!r}, run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, caption, log_prob = out.stdout.strip().split("\t")
+    assert path.endswith("a.png") and float(log_prob) < 0
+
+
+def test_a_bad_format_is_named(tmp_path):
+    with pytest.raises(ValueError, match="format='tflite' is not one of onnx, torchscript"):
+        export_captioner(module("rnn"), 16, tmp_path, "tflite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell_type", ["rnn", "lstm", "attention"])
+def test_exported_trained_models_caption_the_validation_split_as_pytorch(tmp_path, cell_type):
+    """Trained through train.py, exported through export.py (ONNX), run on the built-in validation split."""
+    run_dir = tmp_path / "outputs" / "train" / "runs" / "tiny"
+    load_entry_point("train").train(compose("train", tiny(tmp_path, f"model={cell_type}", "trainer.max_epochs=2",
+                                                          "test=false"), run_dir))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    export_dir = tmp_path / "export"
+    run("export.py", [f"ckpt_path={ckpt}", "format=onnx", f"hydra.run.dir={export_dir}"])
+    from captioning.data import ShapesDataModule
+    from captioning.module import load_checkpoint
+
+    trained, data = load_checkpoint(ckpt)
+    import inspect
+
+    params = inspect.signature(ShapesDataModule.__init__).parameters
+    dm = ShapesDataModule(**{k: v for k, v in data.items() if k in params})
+    dm.setup("validate")
+    images = torch.stack([dm.datasets["val"][k]["image"] for k in range(len(dm.datasets["val"]))])
+    compare(trained.eval(), export_dir / "exported", images, max_length=20)
