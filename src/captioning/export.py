@@ -14,7 +14,9 @@ size is dynamic in both formats.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -106,11 +108,26 @@ def export_captioner(module: CaptioningModule, image_size: int, folder: str | Pa
 def _to_onnx(model: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
     batch = torch.export.Dim("batch", min=1)
     dynamic = ({0: batch},) if len(args) == 1 else ({0: batch}, tuple({0: batch} for _ in args[1:]))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, args, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
                                     dynamo=True, verbose=False)
     program.save(str(path))
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter's optimisation passes log every step at INFO, which Hydra's root logger prints (~60
+    lines an export): only their warnings and errors are shown."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def load_exported(folder: str | Path) -> Any:
