@@ -16,10 +16,11 @@ so only ``da_t @ Wh^T`` (the recurrence itself) remains inside the backward loop
 - The forward computes the input projection of all steps in one matmul into the gate buffer, adds
   ``h_{t-1} Wh`` into it in place, and applies the gate non-linearities in place: the buffer ends up
   holding the gate activations, which is what backward needs. The RNN and LSTM loops allocate nothing.
-- Backward recomputes the cheap things (tanh(c), the gate derivatives) step by step from the saved
-  activations, on slices that are in cache, into scratch buffers allocated once: the loop body is a
-  few in-place element-wise ops and one matmul.
-- On CPU, tanh of large tensors is computed as 2 sigmoid(2x) - 1: torch's tanh kernel costs ~6x a sigmoid.
+- The forward keeps every step's tanh(c_t) (one (T, N, H) buffer); backward recomputes the other cheap
+  things (the gate derivatives) step by step from the saved activations, on slices that are in cache,
+  into scratch buffers allocated once: the loop body is a few in-place element-wise ops and one matmul.
+- On CPU, tanh of large tensors and of the g gate's strided slice is computed as 2 sigmoid(2x) - 1:
+  torch's tanh kernel costs ~6x a sigmoid, and ~3x more again on a strided slice.
 
 All of them work in any float dtype. Under autocast they run in the autocast dtype (as autocast would run
 the matmuls). The hand-written backward is not itself differentiable (no double backward). The fused
@@ -167,13 +168,14 @@ def _tanh(t: Tensor, out: Tensor) -> Tensor:
 
 
 def _lstm_cell_forward(a: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, h: Tensor) -> None:
-    """In place: pre-activations a (N, 4H) -> gate activations; writes c (N, H) and h (N, H).
+    """In place: pre-activations a (N, 4H) -> gate activations; writes c, tanh(c) and h (each (N, H)).
 
-    tanh_c (N, H) is scratch space. Gates are packed i, f, o, g (the courses' order); on CPU g = tanh(a_g) is
-    computed as 2 sigmoid(2 a_g) - 1 so that one sigmoid pass covers all four gates.
+    Gates are packed i, f, o, g (the courses' order); on CPU g = tanh(a_g) is computed as
+    2 sigmoid(2 a_g) - 1 so that one sigmoid pass covers all four gates (at every size: torch's tanh of
+    the strided g slice costs ~3x its tanh of a contiguous tensor, which is already ~6x a sigmoid).
     """
     H = c.shape[1]
-    if _sigmoid_tanh_pays(c):
+    if a.device.type == "cpu":
         a[:, 3 * H :].mul_(2.0)
         a.sigmoid_()
         a[:, 3 * H :].mul_(2.0).sub_(1.0)
@@ -190,9 +192,9 @@ def _lstm_cell_forward(a: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, h: 
 class _LSTMBackwardStep:
     """One step of LSTM BPTT with its scratch buffers allocated once per backward pass.
 
-    Given the step's gate activations (N, 4H) packed i, f, o, g, its cell states c_prev, c (N, H), the
-    gradient dh reaching h_t and dc reaching c_t from later steps, it writes the pre-activation gradient
-    da (N, 4H) and leaves the gradient reaching c_{t-1} in dc::
+    Given the step's gate activations (N, 4H) packed i, f, o, g, the previous cell state c_prev and the
+    forward's tanh(c_t) (N, H), the gradient dh reaching h_t and dc reaching c_t from later steps, it writes
+    the pre-activation gradient da (N, 4H) and leaves the gradient reaching c_{t-1} in dc::
 
         dc += dh * o * (1 - tanh(c)^2)
         da_i = dc * g * i(1-i)      da_f = dc * c_prev * f(1-f)
@@ -207,14 +209,12 @@ class _LSTMBackwardStep:
         N, H4 = like.shape
         self.H = H4 // 4
         self.dsig = like.new_empty(N, 3 * self.H)
-        self.tanh_c = like.new_empty(N, self.H)
         self.tmp = like.new_empty(N, self.H)
         self.ones = like.new_ones(N, self.H)
 
-    def __call__(self, gates: Tensor, c_prev: Tensor, c: Tensor, dh: Tensor, dc: Tensor, da: Tensor) -> None:
-        H, tanh_c, tmp, dsig, ones = self.H, self.tanh_c, self.tmp, self.dsig, self.ones
+    def __call__(self, gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dh: Tensor, dc: Tensor, da: Tensor) -> None:
+        H, tmp, dsig, ones = self.H, self.tmp, self.dsig, self.ones
         i, f, o, g = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H], gates[:, 3 * H :]
-        _tanh(c, out=tanh_c)
         torch.addcmul(ones, tanh_c, tanh_c, value=-1.0, out=tmp).mul_(o)
         dc.addcmul_(tmp, dh)
         sig = gates[:, : 3 * H]
@@ -238,18 +238,18 @@ class _LSTMFunction(torch.autograd.Function):
         cs = x.new_empty(T + 1, N, H)
         hs[0] = h0
         cs[0].zero_()
-        tanh_c = x.new_empty(N, H)
+        tanh_cs = x.new_empty(T, N, H)  # tanh(c_t), which backward needs
         gates = []  # each step's pre-activations (N, 4H), turned into the gate activations in place
         for t in range(T):
             gates.append(gemm.addmm(xw[t], hs[t], Wh))
-            _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_c, hs[t + 1])
-        ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, *gates)
+            _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_cs[t], hs[t + 1])
+        ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, tanh_cs, *gates)
         return _batch_major(hs[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh_out: Tensor) -> tuple:
-        x_tm, Wx, Wh, hs, cs, *gates = ctx.saved_tensors
+        x_tm, Wx, Wh, hs, cs, tanh_cs, *gates = ctx.saved_tensors
         T1, N, H = hs.shape
         T = T1 - 1
         WhT = Wh.t()
@@ -259,7 +259,7 @@ class _LSTMFunction(torch.autograd.Function):
         dh = dh_tm[T - 1].clone()
         dc = torch.zeros_like(dh)
         for t in range(T - 1, -1, -1):
-            step(gates[t], cs[t], cs[t + 1], dh, dc, da[t])
+            step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t])
             if t:
                 dh = gemm.addmm(dh_tm[t - 1], da[t], WhT)
         dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
@@ -295,7 +295,7 @@ class _AttentionLSTMFunction(torch.autograd.Function):
         h0 = A_flat.mean(dim=2)
         hx[0, :, :H] = h0
         cs[0] = h0
-        tanh_c, h_next = x.new_empty(N, H), x.new_empty(N, H)
+        tanh_cs, h_next = x.new_empty(T, N, H), x.new_empty(N, H)
         for t in range(T):
             h, attn = hx[t, :, :H], hx[t, :, H:]
             scores = torch.bmm(h.unsqueeze(1), A_flat).squeeze(1).mul_(scale)
@@ -303,16 +303,16 @@ class _AttentionLSTMFunction(torch.autograd.Function):
             # (1, P) @ (P, H) per image: the row-vector form is ~6x faster on CPU than A (H, P) @ w (P, 1)
             attn.copy_(torch.bmm(weights[t].unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1))
             gates.append(gemm.addmm(xw[t], hx[t], W_ha))
-            _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_c, h_next)
+            _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_cs[t], h_next)
             hx[t + 1, :, :H] = h_next
-        ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, weights, *gates)
+        ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates)
         ctx.A_shape = A.shape
         return _batch_major(hx[1:, :, :H])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh_out: Tensor) -> tuple:
-        x_tm, A_flat, Wx, W_ha, hx, cs, weights, *gates = ctx.saved_tensors
+        x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates = ctx.saved_tensors
         T1, N, H2 = hx.shape
         T, H, P = T1 - 1, H2 // 2, A_flat.shape[2]
         scale = 1.0 / math.sqrt(H)
@@ -325,7 +325,7 @@ class _AttentionLSTMFunction(torch.autograd.Function):
         dh = dh_tm[T - 1].clone()
         dc = torch.zeros_like(dh)
         for t in range(T - 1, -1, -1):
-            step(gates[t], cs[t], cs[t + 1], dh, dc, da[t])
+            step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t])
             dhx[t] = gemm.mm(da[t], W_haT)
             # attn_t = A softmax(A^T h_{t-1} / sqrt(H)): back through the weighted sum and the softmax.
             w = weights[t]
