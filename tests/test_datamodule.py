@@ -411,6 +411,10 @@ def test_karpathy_file_option_and_errors(tmp_path):
     with pytest.raises(ValueError) as err:
         make_dm(root, "2014", split_source="karpathy", karpathy_file=str(bad)).prepare_data()
     assert str(bad) in _message(err) and "'minival'" in _message(err)
+    bad.write_text('{"images": [')
+    with pytest.raises(ValueError) as err:
+        make_dm(root, "2014", split_source="karpathy", karpathy_file=str(bad)).prepare_data()
+    assert str(bad) in _message(err) and "not readable JSON" in _message(err)
     with pytest.raises(ValueError, match="split_source"):
         make_dm(root, "2014", split_source="flickr")
 

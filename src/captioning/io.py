@@ -1,5 +1,5 @@
-"""Small I/O helpers every layer may use (they import the standard library only): files written atomically,
-and whether a server answers.
+"""Small I/O helpers every layer may use (they import the standard library only): JSON files read with the
+caller's error and written atomically, and whether a server answers.
 """
 
 from __future__ import annotations
@@ -9,10 +9,21 @@ import os
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["reachable", "write_json"]
+__all__ = ["read_json", "reachable", "write_json"]
+
+
+def read_json(path: str | os.PathLike, bad: Callable[[str], Exception]) -> Any:
+    """The parsed JSON file at ``path``; a file that cannot be read or parsed raises ``bad(<what is wrong>)``,
+    the caller's error, which names the file and what to do."""
+    try:
+        with Path(path).open("rb") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise bad(f"it is not readable JSON ({err})") from err
 
 
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
 from collections import defaultdict
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from captioning.data.vocab import Vocabulary
+from captioning.io import read_json
 
 __all__ = [
     "CaptionSplit",
@@ -154,11 +154,7 @@ def load_caption_split(root: str | os.PathLike, split: str, year: str) -> Captio
     path = annotation_path(root, split, year)
     if not path.is_file():
         raise FileNotFoundError(f"Annotation file {path} not found. " + _layout_hint(root, split, year))
-    try:
-        with path.open("rb") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise _bad_annotations(path, f"it is not readable JSON ({err})") from err
+    data = read_json(path, lambda problem: _bad_annotations(path, problem))
     if not isinstance(data, dict):
         raise _bad_annotations(path, f"the top level is a JSON {type(data).__name__}, not an object")
     for key in ("images", "annotations"):
@@ -233,11 +229,7 @@ def load_instance_categories(path: Path, image_ids: Sequence[int] | None = None)
             "annotations/ to evaluate without the CHAIR hallucination metrics."
         )
 
-    try:
-        with path.open("rb") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise bad(f"it is not readable JSON ({err})") from err
+    data = read_json(path, bad)
     if not isinstance(data, dict):
         raise bad(f"the top level is a JSON {type(data).__name__}, not an object")
     for key in ("images", "annotations", "categories"):

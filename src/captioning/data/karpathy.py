@@ -14,13 +14,13 @@ The Flickr8k/30k files of the same zip work too (they have ``imgid`` and no ``fi
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.data.annotations import CaptionSplit, clean_split
+from captioning.io import read_json
 
 __all__ = ["KARPATHY_SPLITS", "KarpathyImage", "karpathy_caption_split", "karpathy_split_names", "read_karpathy"]
 
@@ -60,11 +60,7 @@ def read_karpathy(path: str | os.PathLike) -> list[KarpathyImage]:
             "folders, or set data.karpathy_file to where it is; or use the official splits with "
             "data.split_source=official."
         )
-    try:
-        with path.open("rb") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise _bad_file(path, f"it is not readable JSON ({err})") from err
+    data = read_json(path, lambda problem: _bad_file(path, problem))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         found = f"keys {sorted(data)[:10]}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
         raise _bad_file(path, f"the top level must be an object with an 'images' list; found {found}")
