@@ -114,7 +114,7 @@ class SelfCritical(Objective):
         self.bad_ending, self.bad_ending_penalty = bad_ending, float(bad_ending_penalty)
         self.sigma = float(sigma)
         self.cider: CiderD | None = None
-        self._words: list[str] | None = None
+        self.vocab: Any = None
         self._bad_ids: Tensor | None = None
 
     def __repr__(self) -> str:
@@ -125,8 +125,7 @@ class SelfCritical(Objective):
     def setup(self, references: Mapping[int, Sequence[str]] | CiderD, vocab: Any) -> None:
         """The reward's document frequencies, from the training references (or a CiderD built from them)."""
         self.cider = references if isinstance(references, CiderD) else CiderD(dict(references), sigma=self.sigma)
-        self._words = list(vocab.idx_to_word)
-        self._end_id = vocab.end_id
+        self.vocab = vocab
         self._bad_ids = torch.tensor([vocab.word_to_idx[w] for w in self.bad_endings if w in vocab.word_to_idx],
                                      dtype=torch.long)
 
@@ -138,7 +137,7 @@ class SelfCritical(Objective):
         """
         if self.cider is None:
             raise RuntimeError("SelfCritical.setup() was not called: the reward needs the training references.")
-        texts = self.texts(captions)
+        texts = self.vocab.decode_batch(captions)
         ids = [int(i) for i in image_ids]
         rewards = np.empty(len(ids), dtype=np.float64)
         # rows with the same image id cannot share one pass (the scorer matches one hypothesis per image)
@@ -154,18 +153,6 @@ class SelfCritical(Objective):
             rewards[rows] = self.cider._score_counts(self.cider.rows([ids[r] for r in rows]), counts)
         return rewards
 
-    def texts(self, captions: Tensor) -> list[str]:
-        words, end = self._words, self._end_id
-        out = []
-        for row in captions.tolist():
-            text = []
-            for i in row:
-                if i == end or i == 0:
-                    break
-                text.append(words[i])
-            out.append(" ".join(text))
-        return out
-
     # -------------------------------------------------------------------------------------------
     def _sample(self, decoder: CaptioningRNN, features: Tensor) -> tuple[Tensor, Tensor]:
         """K samples per image (N*K rows, image-major), decoded in chunks of ``max_rows``; and the mean
@@ -173,7 +160,7 @@ class SelfCritical(Objective):
         rows = features.repeat_interleave(self.num_samples, dim=0)
         forbid = self._bad_ids.to(features.device) if self.bad_ending == "forbid" and len(self._bad_ids) else None
         end, null, temperature = decoder.end_id, decoder.null_id, self.temperature
-        entropy = [features.new_zeros((), dtype=torch.float32), 0]
+        entropy = [features.new_zeros((), dtype=torch.float32), features.new_zeros((), dtype=torch.long)]
 
         def draw(log_probs: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
             logits = log_probs / temperature
@@ -183,13 +170,13 @@ class SelfCritical(Objective):
             live = (previous != end) & (previous != null)
             p = tempered.exp()
             entropy[0] = entropy[0] - (p * tempered.nan_to_num(neginf=0.0)).sum(dim=1)[live].sum()
-            entropy[1] += int(live.sum())
+            entropy[1] = entropy[1] + live.sum()  # a tensor: no device sync per step
             words = torch.multinomial(p, 1).squeeze(1)
             return words, tempered.gather(1, words.unsqueeze(1)).squeeze(1)
 
         chunks = [step_decode(decoder, rows[start:start + self.max_rows], self.max_length, draw).captions
                   for start in range(0, rows.shape[0], self.max_rows)]
-        return torch.cat(chunks), entropy[0] / max(entropy[1], 1)
+        return torch.cat(chunks), entropy[0] / entropy[1].clamp(min=1)
 
     def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
         image_ids = batch["image_ids"].tolist()
@@ -240,8 +227,8 @@ class SelfCritical(Objective):
 
     def _ends_badly(self, samples: Tensor) -> Tensor:
         """(M,) whether each sample's last word before <END> (or at the length limit) is a bad ending."""
-        lengths = samples.ne(0).sum(dim=1)
-        ended = samples.eq(self._end_id).any(dim=1)
+        lengths = samples.ne(self.vocab.null_id).sum(dim=1)
+        ended = samples.eq(self.vocab.end_id).any(dim=1)
         last = (lengths - 1 - ended.long()).clamp(min=0)
         words = samples.gather(1, last.unsqueeze(1)).squeeze(1)
         return torch.isin(words, self._bad_ids.to(samples.device)) & (lengths > ended.long())
