@@ -80,6 +80,10 @@ def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[
     """
     params, loader = _parameters(data._target_), _loader_arguments(data._target_)
     wanted = [p for p in params if p not in loader and p not in explicit]
+    # arguments newer than the checkpoint: it was trained as their default says
+    added = set(getattr(get_class(data._target_), "ADDED_ARGUMENTS", ()))
+    defaults = {k: v.default for k, v in inspect.signature(get_class(data._target_).__init__).parameters.items()}
+    saved = {**{k: defaults[k] for k in added if k not in saved and k in defaults}, **saved}
     missing = [p for p in wanted if p not in saved]
     if missing:
         raise ValueError(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +224,10 @@ class CaptionGrounding:
     objects: int = 0
     recalled: int = 0
     hallucinated: list[str] = field(default_factory=list)
+    # every named (colour, shape) with whether it is in the image; the scene's (colour, shape) pairs, each with
+    # whether the caption named it: precision and recall per pair (held-out pairs apart from seen ones)
+    named: list[tuple[tuple[str, str], bool]] = field(default_factory=list)
+    scene_pairs: list[tuple[tuple[str, str], bool]] = field(default_factory=list)
 
     def add(self, attribute: str, correct: bool, what: str) -> None:
         self.checks.append((attribute, bool(correct), what))
@@ -402,6 +406,7 @@ def ground_caption(caption: str, scene: Mapping[str, Any], lexicon: Lexicon = SH
             result.named_pairs += 1
             ok = obj is not None and obj.get("color") == inst.color and obj.get("shape") == inst.shape
             result.correct_pairs += ok
+            result.named.append(((inst.color, inst.shape), ok))
             if not ok:
                 result.hallucinated.append(f"{inst.color} {inst.shape}")
         elif inst.shape is not None and (obj is None or obj.get("shape") != inst.shape):
@@ -409,6 +414,7 @@ def ground_caption(caption: str, scene: Mapping[str, Any], lexicon: Lexicon = SH
     recalled = {o for inst, o in zip(instances, assigned, strict=True) if o is not None and inst.names_object
                 and objects[o].get("color") == inst.color and objects[o].get("shape") == inst.shape}
     result.recalled = len(recalled)
+    result.scene_pairs = [((str(obj.get("color")), str(obj.get("shape"))), o in recalled) for o, obj in enumerate(objects)]
 
     # positions and relations, of the objects the mentions were matched to
     relative = {k for pair in parsed.relative for k in pair}
@@ -431,6 +437,10 @@ def ground_caption(caption: str, scene: Mapping[str, Any], lexicon: Lexicon = SH
     return result
 
 
+def _rate(num: float, den: float) -> float:
+    return float(num) / den if den else 0.0
+
+
 class GroundingScorer:
     """Grounded metrics of captions against the scenes of one split.
 
@@ -442,19 +452,29 @@ class GroundingScorer:
     - ``color``, ``shape``, ``size``, ``count``, ``position``: accuracy of each kind of stated attribute;
     - ``correct``, ``exact``, ``single_exact``: fractions of images (see :class:`CaptionGrounding`).
 
+    With ``novel_pairs`` (the ``(colour, shape)`` pairs training never showed) also ``novel_precision`` /
+    ``novel_recall`` (of the named held-out pairs, those in the image; of the scene objects that are held-out
+    pairs, those named) and ``seen_precision`` / ``seen_recall`` for all the other pairs. ``subsets``
+    ({name: image ids}) add ``<name>_precision``, ``<name>_recall`` and ``<name>_correct`` over those images.
+
     A rate with nothing to count (no colour stated anywhere, say) is 0.0: a captioner that names nothing
     has shown nothing. ``details`` gives the per-image :class:`CaptionGrounding` for tables.
     """
 
     KEYS = ("precision", "recall", "chair_i", "chair_s", *ATTRIBUTES, "correct", "exact", "single_exact")
+    SPLIT_KEYS = ("novel_precision", "novel_recall", "seen_precision", "seen_recall")
 
-    def __init__(self, scenes: Mapping[int, Mapping[str, Any]], lexicon: Lexicon = SHAPES_LEXICON) -> None:
+    def __init__(self, scenes: Mapping[int, Mapping[str, Any]], lexicon: Lexicon = SHAPES_LEXICON,
+                 novel_pairs: Iterable[tuple[str, str]] = (),
+                 subsets: Mapping[str, Iterable[int]] | None = None) -> None:
         if not scenes:
             raise ValueError("GroundingScorer needs the scenes of at least one image.")
         for scene in scenes.values():
             _scene_objects(scene)
         self.scenes = dict(scenes)
         self.lexicon = lexicon
+        self.novel_pairs = frozenset((str(c), str(s)) for c, s in novel_pairs)
+        self.subsets = {name: frozenset(ids) for name, ids in (subsets or {}).items()}
 
     @property
     def image_ids(self) -> frozenset[int]:
@@ -469,13 +489,31 @@ class GroundingScorer:
         return {i: ground_caption(c, self.scenes[i], self.lexicon) for i, c in predictions.items()}
 
     def __call__(self, predictions: Mapping[int, str]) -> dict[str, float]:
-        return self.summarize(self.details(predictions))
+        details = self.details(predictions)
+        scores = self.summarize(details)
+        if self.novel_pairs:
+            scores.update(self.pair_scores(details.values(), self.novel_pairs))
+        for name, ids in self.subsets.items():
+            subset = self.summarize({i: d for i, d in details.items() if i in ids}) if ids & set(details) else {}
+            for key in ("precision", "recall", "correct"):
+                scores[f"{name}_{key}"] = subset.get(key, 0.0)
+        return scores
+
+    @staticmethod
+    def pair_scores(details: Iterable[CaptionGrounding], novel: Collection[tuple[str, str]]) -> dict[str, float]:
+        """Precision and recall on the ``novel`` (colour, shape) pairs and on all the others."""
+        details = list(details)
+        scores = {}
+        for name, keep in (("novel", lambda pair: pair in novel), ("seen", lambda pair: pair not in novel)):
+            named = [ok for d in details for pair, ok in d.named if keep(pair)]
+            shown = [ok for d in details for pair, ok in d.scene_pairs if keep(pair)]
+            scores[f"{name}_precision"] = _rate(sum(named), len(named))
+            scores[f"{name}_recall"] = _rate(sum(shown), len(shown))
+        return scores
 
     @staticmethod
     def summarize(details: Mapping[int, CaptionGrounding]) -> dict[str, float]:
-        def rate(num: float, den: float) -> float:
-            return float(num) / den if den else 0.0
-
+        rate = _rate
         results = list(details.values())
         named = sum(r.named_pairs for r in results)
         precision = rate(sum(r.correct_pairs for r in results), named)

@@ -129,23 +129,33 @@ class CaptioningModule(L.LightningModule):
         )
 
     def set_decoding(self, decoding: CaptionDecoder) -> None:
-        """Use another decoding strategy (eval.py and caption.py override the checkpoint's)."""
+        """Use another decoding strategy (eval.py and caption.py override the checkpoint's); ``guidance="auto"``
+        becomes guidance for a model trained with image dropout, none for another."""
+        objective = self.hparams.get("objective") or {}
+        decoding = decoding.for_model(float(objective.get("image_dropout") or 0.0) > 0)
         self.decoding = decoding
         self.collectors = nn.ModuleDict(
             {stage: DecodedCaptions(max_length=decoding.max_length) for stage in ("val", "test")}
         )
 
+    def configure_model(self) -> None:
+        """Build the decoder, sized by the datamodule's vocabulary, unless the checkpoint's vocabulary built it.
+        Lightning calls this before fitting; callbacks that copy the model (:class:`~captioning.callbacks.EMA`)
+        call it first, so that their copy has a decoder. Idempotent."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if self.decoder is None:
+            if datamodule is None:
+                raise RuntimeError("CaptioningModule needs a datamodule with a vocabulary (or a checkpoint).")
+            self._build_decoder(datamodule.vocab.idx_to_word)
+
     def setup(self, stage: str) -> None:
         """Size the decoder from the datamodule's vocabulary; get the references the metrics need."""
+        self.configure_model()
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None:
-            if self.decoder is None:
-                raise RuntimeError("CaptioningModule needs a datamodule with a vocabulary (or a checkpoint).")
             return
         data_vocab = datamodule.vocab
-        if self.decoder is None:
-            self._build_decoder(data_vocab.idx_to_word)
-        elif data_vocab != self.vocab:
+        if data_vocab != self.vocab:
             raise ValueError(
                 f"The model's vocabulary ({len(self.vocab)} words) differs from the data's "
                 f"({len(data_vocab)} words, {datamodule.vocab_path}). A checkpoint only decodes with the "
@@ -408,6 +418,10 @@ def grounding_scorer(datamodule: Any, split: str) -> GroundingScorer | CocoChair
     """The grounded metric the data allows: the built-in set's scenes, else COCO instance annotations."""
     scenes = datamodule.scenes(split) if hasattr(datamodule, "scenes") else {}
     if scenes:
+        # a compositional split (captioning.data.holdout): held-out pairs and layouts scored apart
+        holdout = getattr(datamodule, "holdout", None)
+        if holdout:
+            return GroundingScorer(scenes, novel_pairs=holdout.pairs, subsets=holdout.subsets(scenes))
         return GroundingScorer(scenes)
     objects = datamodule.object_categories(split) if hasattr(datamodule, "object_categories") else {}
     return CocoChair(objects) if objects else None

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from captioning.data.coco import CocoCaptionsDataModule
+from captioning.data.holdout import Holdout
 from captioning.data.locking import file_lock
 
 # Bump whenever drawing or captions change, so existing sets on disk are regenerated.
@@ -58,6 +60,7 @@ SIZES = {"small": (0.085, 0.10), "large": (0.15, 0.175)}
 POSITIONS = ("left", "right", "top", "bottom", "center")
 NUMBERS = {2: "two", 3: "three"}
 SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges without a slow anti-aliased renderer
+NO_HOLDOUT = Holdout()
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,12 @@ class Scene:
 
 
 # ---------------------------------------------------------------------------------------------- scenes
-def _random_object(rng: np.random.Generator, size_px: int) -> tuple[str, str, str, float, float]:
+def _random_object(rng: np.random.Generator, size_px: int, scale: float = 1.0) -> tuple[str, str, str, float, float]:
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     size = "small" if rng.random() < 0.5 else "large"
     lo, hi = SIZES[size]
-    radius = float(rng.uniform(lo, hi)) * size_px
+    radius = float(rng.uniform(lo, hi)) * size_px * scale
     angle = float(rng.uniform(-12, 12))
     return shape, color, size, radius, angle
 
@@ -127,8 +130,9 @@ def _apart(a: tuple[float, float, float], b: tuple[float, float, float], gap: fl
     return math.hypot(a[0] - b[0], a[1] - b[1]) >= a[2] + b[2] + gap
 
 
-def sample_scene(rng: np.random.Generator, image_size: int) -> Scene:
-    """A random scene of 1-3 non-overlapping shapes whose layout its captions can state truthfully."""
+def sample_scene(rng: np.random.Generator, image_size: int, object_scale: float = 1.0) -> Scene:
+    """A random scene of 1-3 non-overlapping shapes whose layout its captions can state truthfully; the objects'
+    radii are ``object_scale`` times the usual ones (a held-out scale, :mod:`captioning.data.holdout`)."""
     s = image_size
     base = int(rng.integers(45, 110))
     tint = rng.integers(-12, 13, size=3)
@@ -136,7 +140,7 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> Scene:
     gap = 0.04 * s
     n = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
     while True:  # rejection sampling; a handful of tries at most in practice
-        specs = [_random_object(rng, s) for _ in range(n)]
+        specs = [_random_object(rng, s, object_scale) for _ in range(n)]
         if n == 1:
             layout = POSITIONS[rng.integers(len(POSITIONS))]
             shape, color, size, r, angle = specs[0]
@@ -303,26 +307,42 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _params(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> dict[str, int]:
+def _params(num_train: int, num_val: int, num_test: int, image_size: int, seed: int,
+            holdout: Holdout = NO_HOLDOUT) -> dict[str, Any]:
     params = {"num_train": num_train, "num_val": num_val, "num_test": num_test,
               "image_size": image_size, "seed": seed}
     for name, value in params.items():
         minimum = 8 if name == "image_size" else (0 if name == "seed" else 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"Shapes data set parameter {name} must be an integer >= {minimum}, got {value!r}.")
-    return {"generator_version": GENERATOR_VERSION, **params}
+    # the standard set's stamp is as it always was: sets on disk are not redrawn
+    return {"generator_version": GENERATOR_VERSION, **params, **({"holdout": holdout.to_dict()} if holdout else {})}
+
+
+def draw_scene(split: str, index: int, image_size: int, seed: int,
+               holdout: Holdout = NO_HOLDOUT) -> tuple[Scene, np.random.Generator]:
+    """Scene ``index`` of ``split`` and its random stream (which then draws the captions and the pixels).
+
+    One stream per image, so a scene does not depend on the others. A training scene the holdout leaves out is
+    drawn again from the same stream; evaluation scenes are drawn at the holdout's object scale. Every other
+    scene is the standard set's.
+    """
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    scale = holdout.eval_scale if split != "train" else 1.0
+    scene = sample_scene(rng, image_size, scale)
+    while split == "train" and holdout.excludes(scene.objects):
+        scene = sample_scene(rng, image_size, scale)
+    return scene, rng
 
 
 def _write_split(root: Path, split: str, count: int, first_id: int, image_size: int, seed: int,
-                 progress, task) -> None:
+                 progress, task, holdout: Holdout = NO_HOLDOUT) -> None:
     folder = root / f"{split}{YEAR}"
     folder.mkdir(parents=True)
     images, annotations = [], []
-    split_code = SPLITS.index(split)
     for index in range(count):
         image_id = first_id + index
-        rng = np.random.default_rng([seed, split_code, index])  # one stream per image: order-independent
-        scene = sample_scene(rng, image_size)
+        scene, rng = draw_scene(split, index, image_size, seed, holdout)
         captions = scene_captions(scene, image_size, rng)
         file_name = f"{image_id:012d}.jpg"
         render_scene(scene, image_size, rng).save(folder / file_name, quality=92)
@@ -338,7 +358,8 @@ def _write_split(root: Path, split: str, count: int, first_id: int, image_size: 
             progress.advance(task)
     coco = {
         "info": {"description": "captioning built-in shapes data set", "version": str(GENERATOR_VERSION),
-                 "year": int(YEAR), "contributor": "captioning.data.shapes"},
+                 "year": int(YEAR), "contributor": "captioning.data.shapes",
+                 **({"holdout": holdout.to_dict()} if holdout else {})},
         "licenses": [{"id": 1, "name": "generated", "url": ""}],
         "images": images,
         "annotations": annotations,
@@ -349,7 +370,7 @@ def _write_split(root: Path, split: str, count: int, first_id: int, image_size: 
 
 def generate_shapes_dataset(root: str | os.PathLike, num_train: int = 4000, num_val: int = 500,
                             num_test: int = 500, image_size: int = 64, seed: int = 0,
-                            progress: bool = True) -> Path:
+                            progress: bool = True, holdout: Holdout = NO_HOLDOUT) -> Path:
     """Draw the data set into ``root``, replacing whatever generated set is there; returns ``root``.
 
     Written into a temporary sibling directory and renamed into place, with the stamp file written
@@ -358,7 +379,7 @@ def generate_shapes_dataset(root: str | os.PathLike, num_train: int = 4000, num_
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    stamp = _params(num_train, num_val, num_test, image_size, seed)
+    stamp = _params(num_train, num_val, num_test, image_size, seed, holdout)
     root = Path(root).expanduser().absolute()
     if root.exists() and not (root / STAMP_FILE).is_file() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(
@@ -374,7 +395,7 @@ def generate_shapes_dataset(root: str | os.PathLike, num_train: int = 4000, num_
             first_id = 1
             for split in SPLITS:
                 task = bar.add_task(f"shapes {split}{YEAR}", total=counts[split])
-                _write_split(tmp, split, counts[split], first_id, image_size, seed, bar, task)
+                _write_split(tmp, split, counts[split], first_id, image_size, seed, bar, task, holdout)
                 first_id += counts[split]
         (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
         _swap_into_place(tmp, root)
@@ -410,14 +431,14 @@ def _read_stamp(root: Path) -> dict[str, Any] | None:
 
 def ensure_shapes_dataset(root: str | os.PathLike, num_train: int = 4000, num_val: int = 500,
                           num_test: int = 500, image_size: int = 64, seed: int = 0,
-                          progress: bool = True) -> Path:
+                          progress: bool = True, holdout: Holdout = NO_HOLDOUT) -> Path:
     """Return ``root`` holding the shapes set for these parameters, generating it only when missing
     or when its stamp (generator version + parameters) differs."""
-    wanted = _params(num_train, num_val, num_test, image_size, seed)
+    wanted = _params(num_train, num_val, num_test, image_size, seed, holdout)
     root = Path(root).expanduser().absolute()
     if _read_stamp(root) == wanted:
         return root
-    return generate_shapes_dataset(root, num_train, num_val, num_test, image_size, seed, progress)
+    return generate_shapes_dataset(root, num_train, num_val, num_test, image_size, seed, progress, holdout)
 
 
 # ---------------------------------------------------------------------------------------------- datamodule
@@ -427,24 +448,37 @@ class ShapesDataModule(CocoCaptionsDataModule):
     ``prepare_data`` (run by Lightning on one process per node) draws the set into ``root`` when it
     is missing or was drawn with other parameters or an older generator, then builds the vocabulary.
     ``batch_size`` is per device, as in the parent class.
+
+    ``holdout`` draws a compositional split (:mod:`captioning.data.holdout`: ``pairs``, ``layout``, ``scale``,
+    ``compositional``, a list of them or a mapping of the fields) into a folder of its own beside ``root``
+    (``data/shapes-pairs``), so switching between the standard set and a held-out one redraws nothing.
     """
+
+    ADDED_ARGUMENTS = ("holdout",)
 
     def __init__(self, root: str = "data/shapes", num_train: int = 4000, num_val: int = 500,
                  num_test: int = 500, image_size: int = 64, seed: int = 0, max_length: int = 16,
                  min_word_count: int = 1, vocab_path: str | None = None, batch_size: int = 64,
-                 num_workers: int = 2, pin_memory: bool = False, persistent_workers: bool = True,
-                 augment: bool = False, progress: bool = True, on_bad_image: str = "skip",
+                 num_workers: int = 2, pin_memory: bool | str = "auto", persistent_workers: bool = True,
+                 augment: bool = False, augmentation: Any = None, progress: bool = True, on_bad_image: str = "skip",
                  max_image_pixels: int | None = None, feature_cache: bool = False, cache_dir: str | None = None,
-                 feature_dtype: str = "float16", cache_images: bool | str = "auto", image_cache_mb: int = 2048) -> None:
+                 feature_dtype: str = "float16", cache_images: bool | str = "auto", image_cache_mb: int = 2048,
+                 holdout: Any = None) -> None:
+        # plain values before the parent saves the arguments: checkpoints load with weights_only=True
+        holdout, augmentation = _plain(holdout), _plain(augmentation)
+        self.holdout = Holdout.parse(holdout, COLORS, SHAPES)
+        if self.holdout:
+            root = str(Path(root).with_name(f"{Path(root).name}-{self.holdout.tag}"))
         super().__init__(root=root, year=YEAR, train_split="train", val_split="val", test_split="test",
                          image_size=image_size, max_length=max_length, min_word_count=min_word_count,
                          vocab_path=vocab_path, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, persistent_workers=persistent_workers, augment=augment,
+                         augmentation=augmentation,
                          on_bad_image=on_bad_image, max_image_pixels=max_image_pixels,
                          feature_cache=feature_cache, cache_dir=cache_dir, feature_dtype=feature_dtype,
                          progress=progress, cache_images=cache_images, image_cache_mb=image_cache_mb)
         self.generator_args = {"num_train": num_train, "num_val": num_val, "num_test": num_test,
-                               "image_size": image_size, "seed": seed}
+                               "image_size": image_size, "seed": seed, "holdout": self.holdout}
         self.progress = progress
         _params(**self.generator_args)  # fail at construction on bad sizes, not later in prepare_data
 
@@ -454,3 +488,8 @@ class ShapesDataModule(CocoCaptionsDataModule):
         with file_lock(self.root.parent / f".{self.root.name}.lock"):
             ensure_shapes_dataset(self.root, progress=self.progress, **self.generator_args)
             super().prepare_data()
+
+
+def _plain(value: Any) -> Any:
+    """Hydra's list and dict nodes -> plain lists and dicts."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
