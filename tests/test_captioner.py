@@ -66,6 +66,65 @@ def test_loss_gradcheck():
     assert torch.autograd.gradcheck(lambda s: temporal_softmax_loss(s, targets), (scores,))
 
 
+def test_label_smoothing_hand_computed_and_gradcheck_fused_and_unfused():
+    """(1 - eps) -log p(target) + eps * mean over the allowed words of -log p(v), in both forms."""
+    from captioning.models.loss import linear_temporal_softmax_loss
+
+    scores = torch.tensor([[[1.0, 2.0, 0.5, -1.0]]], dtype=torch.float64)
+    log_p = scores.log_softmax(-1)[0, 0]
+    eps = 0.3
+    expected = -(1 - eps) * log_p[2] - eps * log_p.mean()
+    assert temporal_softmax_loss(scores, torch.tensor([[2]]), ignore_index=-1, label_smoothing=eps).item() == \
+        pytest.approx(expected.item(), rel=1e-12)
+    # excluded words are outside the softmax and outside the uniform part
+    kept = scores[..., 1:].log_softmax(-1)[0, 0]
+    excluded = -(1 - eps) * kept[1] - eps * kept.mean()
+    assert temporal_softmax_loss(scores, torch.tensor([[2]]), ignore_index=-1, excluded=(0,),
+                                 label_smoothing=eps).item() == pytest.approx(excluded.item(), rel=1e-12)
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[3, 2, 0, 0], [3, 4, 2, 0], [5, 6, 4, 2]])  # no excluded word as a target
+    weights = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    for excluded_ids in ((), (0, 1)):
+        def fused(h, W, b, ex=excluded_ids):
+            return linear_temporal_softmax_loss(h, W, b, targets, 0, "batch", weights, ex, 0.1)
+
+        def unfused(h, W, b, ex=excluded_ids):
+            return temporal_softmax_loss(h @ W.T + b, targets, 0, "batch", weights, ex, 0.1)
+
+        assert fused(h, W, b).item() == pytest.approx(unfused(h, W, b).item(), rel=1e-12)
+        assert torch.autograd.gradcheck(fused, (h, W, b)) and torch.autograd.gradcheck(unfused, (h, W, b))
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        temporal_softmax_loss(scores, torch.tensor([[2]]), label_smoothing=1.0)
+
+
+def test_input_noise_replaces_fed_words_only_and_keeps_the_targets():
+    from captioning.objectives import CrossEntropy
+
+    torch.manual_seed(0)
+    decoder = CaptioningRNN(vocab_size=30, input_dim=6, wordvec_dim=8, hidden_dim=8, cell_type="lstm")
+    captions = torch.randint(4, 30, (64, 9))
+    captions[:, 0], captions[:, -1], captions[:8, 5:] = START, END, NULL
+    captions[:8, 5] = END
+    for noise in ("uniform", "model"):
+        objective = CrossEntropy(input_noise=0.5, noise=noise)
+        fed = objective.noisy_inputs(decoder, torch.randn(64, 6), captions)
+        original = captions[:, :-1]
+        changed = fed != original
+        assert (fed[:, 0] == START).all() and not changed[original < 4].any()  # special tokens kept
+        assert (fed[changed] >= 4).all()  # replaced by words, never by <NULL>/<START>/<END>/<UNK>
+        share = changed.float().sum() / (original >= 4).sum()
+        assert 0.3 < share < 0.55 if noise == "uniform" else 0.0 < share < 0.55
+    # the loss still predicts the reference's words: with no noise it is the plain loss
+    features = torch.randn(64, 6)
+    assert CrossEntropy()(decoder, features, {"captions": captions})[0].item() == pytest.approx(
+        decoder(features, captions).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="objective.noise='word' is not one of uniform, model"):
+        CrossEntropy(input_noise=0.1, noise="word")
+
+
 # --- the captioner --------------------------------------------------------------------------------
 def _features(cell_type, N, D, dtype=torch.float32):
     return torch.randn(N, D, 2, 3, dtype=dtype) if cell_type == "attention" else torch.randn(N, D, dtype=dtype)
@@ -278,3 +337,43 @@ def test_caption_decoder_config_validation_and_dispatch():
         CaptionDecoder(beam_size=0)
     with pytest.raises(ValueError, match="greedy, beam, sample"):
         CaptionDecoder(strategy="nucleus")
+
+
+@pytest.mark.parametrize("cell_type", ["rnn", "lstm", "attention"])
+def test_guided_decoding_is_the_image_minus_the_prior_at_every_step(cell_type):
+    """decoding.guidance=w: log p(w | image) + w (log p(w | image) - log p(w | no image)), the no-image rows run
+    with zero features; every strategy decodes through it unchanged, and guidance 0 is the plain decoder."""
+    from captioning.models.decoding import Guided
+
+    torch.manual_seed(0)
+    model = CaptioningRNN(vocab_size=12, input_dim=6, wordvec_dim=8, hidden_dim=8, cell_type=cell_type).eval()
+    features = _features(cell_type, 4, 6)
+    guided = Guided(model, 1.5)
+    state = guided.init_state(features)
+    words = torch.full((4,), START)
+    plain, blind = model.init_state(features), model.init_state(torch.zeros_like(features))
+    for _ in range(3):
+        scores, state, _ = guided.step(words, state)
+        with_image, plain, _ = model.step(words, plain)
+        prior, blind, _ = model.step(words, blind)
+        lc, lp = with_image.log_softmax(-1), prior.log_softmax(-1)
+        expected = (lc + 1.5 * (lc - lp)).masked_fill(torch.isinf(lc), float("-inf"))
+        torch.testing.assert_close(scores, expected)
+        assert torch.isinf(scores[:, [NULL, START]]).all()
+        words = scores.argmax(dim=1)
+    for strategy in ("greedy", "beam", "sample"):
+        off = CaptionDecoder(strategy, max_length=6, beam_size=3, seed=0)(model, features)
+        zero = CaptionDecoder(strategy, max_length=6, beam_size=3, seed=0, guidance=0.0)(model, features)
+        assert torch.equal(off.captions, zero.captions)
+        on = CaptionDecoder(strategy, max_length=6, beam_size=3, seed=0, guidance=2.0)(model, features)
+        assert on.captions.shape == off.captions.shape and (on.captions[:, 0] != NULL).all()
+    greedy = CaptionDecoder("greedy", max_length=6, guidance=1.5)(model, features)
+    assert greedy.captions[:, 0].tolist() == expected_first(model, features)
+
+
+def expected_first(model, features):
+    """The first word guided greedy decoding picks, computed from two plain steps."""
+    words = torch.full((features.shape[0],), START)
+    lc = model.step(words, model.init_state(features))[0].log_softmax(-1)
+    lp = model.step(words, model.init_state(torch.zeros_like(features)))[0].log_softmax(-1)
+    return (lc + 1.5 * (lc - lp)).masked_fill(torch.isinf(lc), float("-inf")).argmax(dim=1).tolist()

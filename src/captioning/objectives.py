@@ -36,6 +36,7 @@ from .models.loss import linear_temporal_softmax_loss
 __all__ = ["BASELINES", "BAD_ENDINGS", "CrossEntropy", "Objective", "SelfCritical"]
 
 BASELINES = ("greedy", "mean")
+UNK_ID = 3  # the vocabulary's contract: <NULL> 0, <START> 1, <END> 2, <UNK> 3, then the words
 BAD_ENDING_MODES = ("none", "penalize", "forbid")
 # Words a caption should not end on; captions trained on CIDEr-D learn to end on them ("a man riding a")
 # because the n-grams they complete still score.
@@ -57,15 +58,64 @@ class Objective:
 
 
 class CrossEntropy(Objective):
-    """The teacher-forced masked temporal softmax loss of the courses (``objective=xe``)."""
+    """The teacher-forced masked temporal softmax (cross-entropy) loss of the courses (``objective=xe``).
+
+    Args:
+        label_smoothing: eps of label smoothing (Szegedy et al. 2016): the target is (1 - eps) the reference
+            word + eps uniform over the vocabulary (:mod:`captioning.models.loss`).
+        input_noise: the probability that a fed word (not ``<START>``) is replaced while the targets stay the
+            reference's, so the decoder cannot predict a word from the one before alone (after "red" it must look
+            at the image to say "star"); 0 = the courses' teacher forcing.
+        noise: what replaces a fed word: ``"uniform"`` (a word drawn uniformly from the vocabulary: data noising,
+            Xie et al. 2017) or ``"model"`` (the word the model itself predicted there, from a teacher-forced pass
+            without gradients: parallel scheduled sampling, Duckworth et al. 2019).
+    """
 
     name = "xe"
+    NOISE = ("uniform", "model")
+
+    def __init__(self, label_smoothing: float = 0.0, input_noise: float = 0.0, noise: str = "uniform",
+                 image_dropout: float = 0.0) -> None:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"objective.label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        if not 0.0 <= input_noise <= 1.0:
+            raise ValueError(f"objective.input_noise must be a probability in [0, 1], got {input_noise!r}.")
+        if noise not in self.NOISE:
+            raise ValueError(f"objective.noise={noise!r} is not one of {', '.join(self.NOISE)}.")
+        if not 0.0 <= image_dropout < 1.0:
+            raise ValueError(f"objective.image_dropout must be a probability in [0, 1), got {image_dropout!r}.")
+        self.label_smoothing, self.input_noise, self.noise = float(label_smoothing), float(input_noise), noise
+        self.image_dropout = float(image_dropout)
 
     def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
-        return decoder(features, batch["captions"]), {}
+        captions = batch["captions"]
+        if self.image_dropout:
+            # the caption without its image: the decoder also learns the language prior, which guided decoding
+            # subtracts (decoding.guidance)
+            keep = torch.rand(features.shape[0], device=features.device) >= self.image_dropout
+            features = features * keep.view(-1, *[1] * (features.dim() - 1)).to(features.dtype)
+        inputs = self.noisy_inputs(decoder, features, captions) if self.input_noise else None
+        return decoder(features, captions, inputs=inputs, label_smoothing=self.label_smoothing), {}
+
+    def noisy_inputs(self, decoder: CaptioningRNN, features: Tensor, captions: Tensor) -> Tensor:
+        """captions (N, T+1) -> the words to feed (N, T): ``captions[:, :-1]`` with a fraction ``input_noise`` of
+        its words (ids above the special tokens', after ``<START>``) replaced."""
+        fed = captions[:, :-1]
+        first_word = max(decoder.null_id, decoder.start_id, decoder.end_id, UNK_ID) + 1
+        replace = (torch.rand(fed.shape, device=fed.device) < self.input_noise) & (fed >= first_word)
+        replace[:, 0] = False
+        if self.noise == "uniform":
+            other = torch.randint(first_word, decoder.vocab_size, fed.shape, device=fed.device)
+        else:
+            with torch.no_grad():
+                _, scores = decoder(features, captions, return_scores=True)
+            # the prediction at position t is the word fed at t + 1
+            other = torch.cat([fed[:, :1], scores[:, :-1].argmax(dim=-1)], dim=1)
+        return torch.where(replace & (other >= first_word), other, fed)
 
     def __repr__(self) -> str:
-        return "CrossEntropy()"
+        return (f"CrossEntropy(label_smoothing={self.label_smoothing}, input_noise={self.input_noise}, "
+                f"noise={self.noise!r})")
 
 
 class SelfCritical(Objective):

@@ -39,6 +39,12 @@ class DecoderState:
         return DecoderState(*(None if t is None else t.index_select(0, index)
                               for t in (self.h, self.c, self.A, self.image)))
 
+    def regroup(self, rows: Tensor) -> DecoderState:
+        """The recurrent rows reordered by rows (M,) where every row stays among the rows of its own image (beam
+        search): the projected map A, the same for all of them, is kept as it is instead of copied."""
+        return DecoderState(self.h.index_select(0, rows), None if self.c is None else self.c.index_select(0, rows),
+                            self.A, None if self.image is None else self.image.index_select(0, rows))
+
 
 class CaptioningRNN(nn.Module):
     """Show-and-Tell / Show-Attend-Tell decoder of the CS231n and EECS 498 courses.
@@ -169,20 +175,32 @@ class CaptioningRNN(nn.Module):
         return self.core(x, state.h)
 
     def forward(
-        self, features: Tensor, captions: Tensor, return_scores: bool = False
+        self, features: Tensor, captions: Tensor, return_scores: bool = False, *, inputs: Tensor | None = None,
+        weights: Tensor | None = None, excluded: tuple[int, ...] = (), label_smoothing: float = 0.0,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced loss: features (N, D) or (N, D, h, w), captions (N, T+1) -> scalar loss.
 
         ``captions_in = captions[:, :-1]`` is fed, ``captions_out = captions[:, 1:]`` is predicted;
         ``<NULL>`` targets are ignored. With ``return_scores`` also returns scores (N, T, V).
+
+        ``inputs`` (N, T) feeds other words than ``captions_in`` while still predicting ``captions_out``
+        (input noise, scheduled sampling); ``weights`` (N,) scale each caption's loss (self-critical training);
+        ``excluded`` word ids are left out of the softmax; ``label_smoothing`` as in :mod:`.loss`.
         """
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
+        if inputs is not None:
+            if inputs.shape != captions_in.shape:
+                raise ValueError(f"inputs must have the shape of captions[:, :-1], {tuple(captions_in.shape)}; "
+                                 f"got {tuple(inputs.shape)}.")
+            captions_in = inputs
         h = self.dropout(self.hidden_states(features, captions_in))
         if not return_scores:
             return linear_temporal_softmax_loss(h, self.vocab_proj.weight, self.vocab_proj.bias, captions_out,
-                                                self.null_id, self.loss_normalize)
+                                                self.null_id, self.loss_normalize, weights, excluded, label_smoothing)
         scores = self.vocab_proj(h)
-        return temporal_softmax_loss(scores, captions_out, self.null_id, self.loss_normalize), scores
+        loss = temporal_softmax_loss(scores, captions_out, self.null_id, self.loss_normalize, weights, excluded,
+                                     label_smoothing)
+        return loss, scores
 
     # ---------------------------------------------------------------------------------------------
     # Decoding
