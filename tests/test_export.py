@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from captioning.export import export_captioner, load_exported, verify_export
-from captioning.models.decoding import beam_search, greedy_decode
+from captioning.models.decoding import CaptionDecoder, Guided, beam_search, greedy_decode
 from captioning.module import CaptioningModule
 
 from entrypoints import compose, load_entry_point, run, tiny
@@ -35,10 +35,13 @@ def module(cell_type: str, seed: int = 0) -> CaptioningModule:
 
 def compare(m: CaptioningModule, folder, images: torch.Tensor, max_length: int = 8) -> None:
     exported = load_exported(folder)
+    guidance = m.decoding.guidance or 0.0
+    decoder = Guided(m.decoder, guidance) if guidance else m.decoder
+    assert exported.guidance == guidance
     with torch.no_grad():
         features = m.encoder(images)
-        greedy = greedy_decode(m.decoder, features, max_length)
-        beam = beam_search(m.decoder, features, beam_size=3, max_length=max_length)
+        greedy = greedy_decode(decoder, features, max_length)
+        beam = beam_search(decoder, features, beam_size=3, max_length=max_length)
     captions, log_probs = exported.greedy(images.numpy(), max_length)
     np.testing.assert_array_equal(captions, greedy.captions.numpy())  # greedy: exactly
     np.testing.assert_allclose(log_probs, greedy.log_probs.numpy(), rtol=1e-5, atol=1e-5)
@@ -53,6 +56,23 @@ def test_torchscript_export_decodes_as_pytorch(tmp_path, cell_type):
     m = module(cell_type)
     folder = export_captioner(m, 16, tmp_path / "exported", "torchscript")
     compare(m, folder, torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("cell_type", ["lstm", "attention"])
+def test_a_guided_model_exports_its_guidance(tmp_path, cell_type):
+    """A model trained with image dropout decodes guided (decoding.guidance=auto): the export keeps its state
+    without an image (prior.npz) and run.py guides greedy decoding and beam search the same way."""
+    m = module(cell_type)
+    m.set_decoding(CaptionDecoder("greedy", max_length=8, guidance=1.5))
+    folder = export_captioner(m, 16, tmp_path / "exported", "torchscript")
+    assert json.loads((folder / "config.json").read_text())["guidance"] == 1.5 and (folder / "prior.npz").is_file()
+    images = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    compare(m, folder, images)
+    with torch.no_grad():  # and guidance changed the scores, or the comparison shows nothing
+        plain = greedy_decode(m.decoder, m.encoder(images), 8).log_probs
+    guided = torch.from_numpy(load_exported(folder).greedy(images.numpy(), 8)[1])
+    assert (plain - guided).abs().max() > 1e-3  # far above the comparison's 1e-5
+    verify_export(m, folder, images)
 
 
 def test_onnx_export_folder_and_its_run_py(tmp_path):

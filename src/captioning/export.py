@@ -4,7 +4,8 @@ around them needs, in one folder that runs without this package (:mod:`captionin
     <folder>/encoder.onnx   images (N, 3, S, S) -> the decoder's initial state (h, c, A, image: the cell's)
     <folder>/step.onnx      words (N,), state -> log-probabilities (N, V), the next h (and c) [, attention weights]
     <folder>/vocab.json     the words, index = id
-    <folder>/config.json    image size, normalisation, special ids, the state's names, the format
+    <folder>/config.json    image size, normalisation, special ids, the state's names, the format, guidance
+    <folder>/prior.npz      guided decoding only: the decoder's state without an image
     <folder>/run.py         the decoding loops (greedy, beam) in NumPy, over ONNX Runtime or TorchScript
 
 The step is the hand-written cell itself (``CaptioningRNN.step``), traced: the courses' math in the graph.
@@ -99,6 +100,16 @@ def export_captioner(module: CaptioningModule, image_size: int, folder: str | Pa
         "state": names, "carried": carried, "step_outputs": step_output_names,
         "max_length": module.decoding.max_length,
     }
+    guidance = module.decoding.guidance or 0.0
+    if guidance:
+        # guided decoding's second half: the state without an image (zero features), the same for every image
+        with torch.no_grad():
+            features = encoder(images[:1])
+            prior = decoder.init_state(torch.zeros_like(features))
+        import numpy as np
+
+        np.savez(folder / "prior.npz", **{name: getattr(prior, name).numpy() for name in names})
+        config["guidance"], config["prior"] = guidance, "prior.npz"
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "vocab.json").write_text(json.dumps(module.vocab.idx_to_word))
     shutil.copyfile(Path(__file__).with_name("runtime.py"), folder / "run.py")
@@ -145,7 +156,7 @@ def verify_export(module: CaptioningModule, folder: str | Path, images: Tensor |
                   max_length: int | None = None) -> None:
     """RuntimeError unless the export gives PyTorch's greedy captions (and log-probabilities to 1e-4) on
     ``images`` (default: 4 random ones)."""
-    from .models.decoding import greedy_decode
+    from .models.decoding import Guided, greedy_decode
 
     exported = load_exported(folder)
     size = exported.config["image_size"]
@@ -153,7 +164,9 @@ def verify_export(module: CaptioningModule, folder: str | Path, images: Tensor |
         images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     max_length = max_length or module.decoding.max_length
     with torch.no_grad():
-        expected = greedy_decode(module.decoder, module.encoder(images), max_length)
+        guidance = module.decoding.guidance or 0.0
+        model = Guided(module.decoder, guidance) if guidance else module.decoder
+        expected = greedy_decode(model, module.encoder(images), max_length)
     captions, log_probs = exported.greedy(images.numpy(), max_length)
     if not (expected.captions.numpy() == captions).all() or not torch.allclose(
             expected.log_probs, torch.from_numpy(log_probs), atol=1e-4, rtol=1e-4):

@@ -85,6 +85,12 @@ class ExportedCaptioner:
         self.state_names: list[str] = self.config["state"]  # what the encoder gives, in order
         self.carried: list[str] = self.config["carried"]  # what the step gives back, in order
         self.null_id, self.start_id, self.end_id = (self.config[k] for k in ("null_id", "start_id", "end_id"))
+        # classifier-free guidance: every step also scores the words without an image (the state in prior.npz)
+        self.guidance = float(self.config.get("guidance", 0.0))
+        self.prior: dict[str, np.ndarray] = {}
+        if self.guidance:
+            with np.load(self.folder / self.config["prior"]) as prior:
+                self.prior = {k: prior[k] for k in self.state_names}
 
     # ------------------------------------------------------------------------------------ images
     def preprocess(self, image) -> np.ndarray:
@@ -112,18 +118,40 @@ class ExportedCaptioner:
 
     # ------------------------------------------------------------------------------------ graphs
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """images (N, 3, S, S) float32 -> the decoder's initial state by name."""
+        """images (N, 3, S, S) float32 -> the decoder's initial state by name (with guidance: 2N rows, the
+        images' then the prior's)."""
         outputs = self.encoder.run(["images"], {"images": np.ascontiguousarray(images, dtype=np.float32)})
-        return dict(zip(self.state_names, outputs, strict=True))
+        state = dict(zip(self.state_names, outputs, strict=True))
+        if self.guidance:
+            n = images.shape[0]
+            state = {k: np.concatenate([v, np.repeat(self.prior[k], n, axis=0)]) for k, v in state.items()}
+        return state
 
     def step(self, words: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
-        """words (N,) int64 -> (log-probabilities (N, V), the next state, attention weights or None)."""
-        outputs = self.step_graph.run(["words", *self.state_names], {"words": words.astype(np.int64), **state})
+        """words (N,) int64 -> (log-probabilities (N, V), the next state, attention weights or None).
+
+        With guidance the state holds 2N rows and the log-probabilities are log p(w | image) + g (log p(w |
+        image) - log p(w)), renormalised: ``captioning.models.decoding.Guided``."""
+        fed = np.concatenate([words, words]) if self.guidance else words
+        outputs = self.step_graph.run(["words", *self.state_names], {"words": fed.astype(np.int64), **state})
         log_probs = _log_softmax_scores(outputs[0])
         new_state = dict(state)
         new_state.update(zip(self.carried, outputs[1:1 + len(self.carried)], strict=True))
         weights = outputs[1 + len(self.carried)] if len(outputs) > 1 + len(self.carried) else None
+        if self.guidance:
+            n = words.shape[0]
+            with_image, prior = log_probs[:n], log_probs[n:]
+            with np.errstate(invalid="ignore"):
+                guided = with_image + np.float32(self.guidance) * (with_image - prior)
+            guided = np.where(np.isinf(with_image), -np.inf, guided).astype(np.float32)
+            top = guided.max(axis=1, keepdims=True)
+            log_probs = guided - (top + np.log(np.exp(guided - top).sum(axis=1, keepdims=True)))
+            weights = None if weights is None else weights[:n]
         return log_probs, new_state, weights
+
+    def _rows(self, rows: np.ndarray, n: int) -> np.ndarray:
+        """State rows to keep for the hypotheses' rows (N*K,): with guidance, the same rows of both halves."""
+        return np.concatenate([rows, rows + n]) if self.guidance else rows
 
     # ------------------------------------------------------------------------------------ decoding
     def greedy(self, images: np.ndarray, max_length: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +181,7 @@ class ExportedCaptioner:
         if beam_size == 1:
             return self.greedy(images, max_length)
         N, K = images.shape[0], beam_size
+        # each image's rows (and, with guidance, the prior's) repeated K times: rows 0..NK-1, then NK..2NK-1
         state = {k: np.repeat(v, K, axis=0) for k, v in self.encode(images).items()}
         words = np.full(N * K, self.start_id, dtype=np.int64)
         captions = np.full((N, K, max_length), self.null_id, dtype=np.int64)
@@ -180,7 +209,7 @@ class ExportedCaptioner:
             greedy_beam = (flat == greedy_flat[:, None]).astype(np.int32).argmax(axis=1)
             beam, chosen = flat // V, flat % V
             rows = (beam + images_idx[:, None] * K).reshape(-1)
-            state = {k: (v[rows] if k in self.carried else v) for k, v in state.items()}
+            state = {k: (v[self._rows(rows, N * K)] if k in self.carried else v) for k, v in state.items()}
             captions = np.take_along_axis(captions, beam[..., None], axis=1).copy()
             captions[:, :, t] = chosen
             prev_done = np.take_along_axis(done, beam, axis=1)
