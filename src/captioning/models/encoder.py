@@ -55,6 +55,8 @@ class SmallCNN(nn.Module):
         batch_norm: bool = True,
         coordinates: bool = True,
         depth: int = 2,
+        pathways: bool = False,
+        color_dim: int = 32,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -67,15 +69,24 @@ class SmallCNN(nn.Module):
         self.coordinates = coordinates
         self.depth = int(depth)
         self.downsampling = 2 ** len(channels)
+        self.input_size = None  # trained from scratch: any size divisible by downsampling (data.image_size=auto)
 
-        in_dims = (3 + (2 if coordinates else 0), *channels[:-1])
+        self.pathways = bool(pathways)
+        if self.pathways and not 0 < color_dim < out_dim:
+            raise ValueError(f"SmallCNN: color_dim must be in (0, out_dim={out_dim}) with pathways, got {color_dim}.")
+        self.color_dim = int(color_dim) if self.pathways else 0
+        in_dims = ((1 if self.pathways else 3) + (2 if coordinates else 0), *channels[:-1])
         blocks = []
         for c_in, c_out in zip(in_dims, channels, strict=True):
             # the strided convolution halves the resolution, then depth - 1 more at the new one
             blocks.append(_conv_bn_relu(c_in, c_out, 3, 2, batch_norm))
             blocks += [_conv_bn_relu(c_out, c_out, 3, 1, batch_norm) for _ in range(self.depth - 1)]
-        blocks.append(_conv_bn_relu(channels[-1], self.out_dim, 1, 1, batch_norm))
+        blocks.append(_conv_bn_relu(channels[-1], self.out_dim - self.color_dim, 1, 1, batch_norm))
         self.blocks = nn.Sequential(*blocks)
+        if self.pathways:
+            # colour from each pixel alone (1x1 convolutions: no neighbourhood, so no shape), kept where it is
+            self.color = nn.Sequential(_conv_bn_relu(3, 16, 1, 1, batch_norm),
+                                       _conv_bn_relu(16, self.color_dim, 1, 1, batch_norm))
 
     @property
     def frozen(self) -> bool:
@@ -88,10 +99,30 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images (N, 3, S, S) -> feature map (N, out_dim, S/f, S/f) with f = ``self.downsampling``."""
+        x = self.edges(images) if self.pathways else images
         if self.coordinates:
-            images = torch.cat([images, _coordinate_channels(images)], dim=1)
+            x = torch.cat([x, _coordinate_channels(x)], dim=1)
         # channels-last makes CPU BatchNorm and small convolutions several times faster (oneDNN's layout).
-        return self.blocks(images.contiguous(memory_format=torch.channels_last)).contiguous()
+        features = self.blocks(x.contiguous(memory_format=torch.channels_last))
+        if self.pathways:
+            color = self.color(nn.functional.avg_pool2d(images, 2).contiguous(memory_format=torch.channels_last))
+            color = nn.functional.adaptive_max_pool2d(color, features.shape[-2:])
+            features = torch.cat([features, color], dim=1)
+        return features.contiguous()
+
+    def edges(self, images: Tensor) -> Tensor:
+        """images (N, 3, S, S) -> (N, 1, S, S): where the image changes, whatever the colours (the Sobel gradient's
+        magnitude over the channels, saturated): what the shape pathway sees.
+
+        Written as shifted differences (the Sobel kernel is separable): ~10x faster on a CPU than a 3x3 conv2d
+        with one input channel."""
+        x = nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")  # no edge at the image's own border
+        dx = x[..., 2:] - x[..., :-2]  # (N, 3, S + 2, S)
+        dy = x[..., 2:, :] - x[..., :-2, :]  # (N, 3, S, S + 2)
+        gx = (dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]) / 4
+        gy = (dy[..., :-2] + 2 * dy[..., 1:-1] + dy[..., 2:]) / 4
+        magnitude = (gx.square() + gy.square()).sum(dim=1, keepdim=True).add_(1e-6).sqrt_()
+        return torch.tanh(magnitude / 0.5)
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int, batch_norm: bool) -> nn.Sequential:
@@ -186,8 +217,12 @@ class TorchvisionEncoder(nn.Module):
         self.out_dim = _head_in_features(model, name)
         self.pool: nn.Module = nn.AdaptiveAvgPool2d(spatial_size) if spatial_size else nn.Identity()
         self._weights_id = "random"
+        # the size the pretrained weights saw (data.image_size=auto uses it); None for random initialisation
+        self.input_size: int | None = None
+        self.downsampling = 32
 
         if weights is not None:
+            self.input_size = _pretrained_size(name, weights)
             state_dict, source, self._weights_id = _resolve_weights(
                 name, weights, cache_dir, download, download_timeout
             )
@@ -269,6 +304,16 @@ def _resolve_weights(
     if not path.is_file():
         _download(entry.url, path, name, str(entry), download, timeout)
     return _read_state_dict(path), str(path), str(entry)
+
+
+def _pretrained_size(name: str, weights: str | os.PathLike) -> int:
+    """The crop size torchvision's preprocessing of these weights uses (224 for most ImageNet weights); 224 for a
+    local file, whose preprocessing torchvision does not know."""
+    text = os.fspath(weights)
+    if _looks_like_path(text):
+        return 224
+    crop = getattr(_weights_entry(name, text).transforms(), "crop_size", [224])
+    return int(crop[0] if isinstance(crop, list | tuple) else crop)
 
 
 def _looks_like_path(text: str) -> bool:
