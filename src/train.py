@@ -36,7 +36,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     module: L.LightningModule = instantiate(cfg.module, _recursive_=False)
-    if cfg.data.get("feature_cache"):  # the frozen encoder's features, computed once in prepare_data
+    # the encoder that sees the images: data.image_size=auto follows it, data.feature_cache stores its features
+    if hasattr(datamodule, "use_encoder"):
         datamodule.use_encoder(module.encoder)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.trainer)
     loggers = instantiate_dict(cfg.get("logger"))

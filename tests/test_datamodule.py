@@ -456,9 +456,9 @@ def test_images_held_in_memory_are_the_files_tensors(coco_root, augment):
     assert held.datasets["val"].source.decoded is not None and read.datasets["val"].source.decoded is None
     for k in range(len(held.datasets["val"])):
         torch.testing.assert_close(held.datasets["val"][k]["image"], read.datasets["val"][k]["image"], rtol=0, atol=0)
-    if not augment:  # with augmentation both draw random crops: the shapes still agree
-        for k in range(len(held.datasets["train"])):
-            assert torch.equal(held.datasets["train"][k]["image"], read.datasets["train"][k]["image"])
+    # augmentation works on whole batches after the loader (CaptionAugment), so the samples agree either way
+    for k in range(len(held.datasets["train"])):
+        assert torch.equal(held.datasets["train"][k]["image"], read.datasets["train"][k]["image"])
     assert held.train_dataloader().num_workers == 0 and read.train_dataloader().num_workers == 2
     # the file is not read again
     (root / f"val{year}" / _file_name("val", year, 11)).unlink()
@@ -476,3 +476,59 @@ def test_auto_holds_a_split_in_memory_only_within_the_budget(coco_root):
     assert none.datasets["train"].source.decoded is None
     with pytest.raises(ValueError, match="data.cache_images"):
         make_dm(root, year, cache_images="sometimes")
+
+
+def test_auto_image_size_follows_the_encoder_and_the_images(tmp_path):
+    from captioning.data.transforms import auto_image_size
+    from captioning.models.encoder import SmallCNN, TorchvisionEncoder
+
+    def files(size, count=5):
+        paths = []
+        for k in range(count):
+            path = tmp_path / f"{size[0]}x{size[1]}_{k}.png"
+            Image.new("RGB", size).save(path)
+            paths.append(str(path))
+        return paths
+
+    assert auto_image_size(files((64, 48)), stride=16)[0] == 64  # not upscaled to 224
+    assert auto_image_size(files((100, 75)), stride=32)[0] == 96  # rounded to the encoder's stride
+    size, why = auto_image_size(files((640, 480)), stride=32)
+    assert size == 224 and "capped" in why
+    assert auto_image_size(files((64, 48)), native=300, stride=32) == (300, "the input size the encoder's "
+                                                                           "pretrained weights expect (300 px)")
+    assert SmallCNN(channels=(8, 16, 32)).input_size is None and SmallCNN(channels=(8, 16, 32)).downsampling == 8
+    assert TorchvisionEncoder("mobilenet_v2").input_size is None  # random init: sized like SmallCNN
+
+
+def test_auto_image_size_is_resolved_once_and_recorded(coco_root, caplog):
+    from captioning.models.encoder import SmallCNN
+
+    root, year = coco_root
+    dm = make_dm(root, year, image_size="auto")
+    dm.use_encoder(SmallCNN(channels=(8, 16, 32)))
+    dm.prepare_data()
+    dm.setup("fit")
+    # the training images are 20x30, 27x27 and 34x24 px: median longer side 30, the nearest multiple of the
+    # encoder's stride 8 is 32
+    assert dm.image_size == dm.hparams["image_size"] == 32
+    assert dm.datasets["train"][0]["image"].shape == (3, 32, 32)
+    assert "data.image_size=auto: 32 px, the training images' own size" in caplog.text
+    with pytest.raises(ValueError, match="data.image_size must be an integer >= 1"):
+        make_dm(root, year, image_size="big")
+
+
+def test_pin_memory_auto_pins_only_for_a_gpu(coco_root):
+    root, year = coco_root
+    dm = make_dm(root, year, pin_memory="auto")
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.train_dataloader().pin_memory is False  # no trainer on a GPU: nothing to pin for
+
+    class Trainer:
+        class strategy:  # noqa: N801 - what Lightning's trainer.strategy gives
+            root_device = torch.device("cuda", 0)
+
+    dm.trainer = Trainer()
+    assert dm._pin_memory() is True
+    dm.trainer = None
+    assert make_dm(root, year, pin_memory=True)._pin_memory() is True

@@ -19,14 +19,17 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from captioning.data.annotations import (
     CaptionSplit,
@@ -50,7 +53,13 @@ from captioning.data.features import FEATURE_DTYPES, FeatureCache, FeatureStore
 from captioning.data.images import ON_BAD_IMAGE, BadImageLog
 from captioning.data.karpathy import karpathy_caption_split, read_karpathy
 from captioning.data.sampling import TrainingPosition, training_position, training_sampler
-from captioning.data.transforms import ImagePipeline
+from captioning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CaptionAugment,
+    ImagePipeline,
+    auto_image_size,
+)
 from captioning.data.vocab import Vocabulary
 
 __all__ = ["CocoCaptionsDataModule"]
@@ -67,7 +76,10 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         year: the suffix of file and folder names, "2017" or "2014" (official splits only).
         train_split, val_split, test_split: split names; ``test_split=None`` when there is no test set
             (COCO 2017 publishes no test captions). For Karpathy splits: "train", "val", "test".
-        image_size: images are resized to ``image_size`` x ``image_size``.
+        image_size: images are resized to ``image_size`` x ``image_size``; ``"auto"``: the encoder's native size
+            when it is pretrained, else the training images' own size rounded to the encoder's stride and capped
+            at 224 (:func:`~captioning.data.transforms.auto_image_size`), printed at start with the reason and
+            recorded in checkpoints as the number.
         max_length: captions are cut to this many words; encoded captions hold at most
             ``max_length + 2`` tokens (with ``<START>`` and ``<END>``).
         min_word_count: training-caption words seen fewer times become ``<UNK>``.
@@ -77,9 +89,13 @@ class CocoCaptionsDataModule(L.LightningDataModule):
             batches, so the global batch is ``batch_size x devices x num_nodes`` (times gradient
             accumulation); scale the learning rate accordingly.
         num_workers, pin_memory, persistent_workers: as for ``torch.utils.data.DataLoader``
-            (``persistent_workers`` only applies when ``num_workers > 0``).
-        augment: mild random-resized crop on training images (no flips or colour jitter: captions
-            name sides and colours).
+            (``persistent_workers`` only applies when ``num_workers > 0``); ``pin_memory="auto"`` pins only
+            when the trainer runs on a GPU (pinned CPU memory buys nothing on a CPU and warns).
+        augment: augment training batches (:class:`~captioning.data.transforms.CaptionAugment`: small shifts,
+            zooms and rotations, left-right flips with "left" and "right" swapped in the captions, brightness,
+            contrast and pixel noise; never a hue change: captions name colours), on the batch's device.
+        augmentation: ``CaptionAugment``'s arguments (``flip``, ``translate``, ``scale``, ``rotate``,
+            ``brightness``, ``contrast``, ``noise``, ``swaps``); unset ones keep its defaults.
         split_source: "official" (``captions_<split><year>.json``) or "karpathy" (``dataset_coco.json``).
         karpathy_file: the Karpathy split file; default ``<root>/dataset_coco.json``.
         restval: with Karpathy splits, train on train + restval (113,287 images) rather than train alone.
@@ -105,19 +121,23 @@ class CocoCaptionsDataModule(L.LightningDataModule):
     # other arguments from the checkpoint and these from its own config (eval.py)
     LOADER_ARGUMENTS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "progress",
                         "feature_cache", "cache_dir", "feature_dtype", "on_bad_image", "max_image_pixels",
-                        "cache_images", "image_cache_mb")
+                        "cache_images", "image_cache_mb", "augment", "augmentation")
+    # arguments newer than some checkpoints: one without them was trained as their default says (eval.py)
+    ADDED_ARGUMENTS: tuple[str, ...] = ()
     CACHE_IMAGES = ("auto", True, False)
 
     def __init__(self, root: str, year: str = "2017", train_split: str = "train", val_split: str = "val",
-                 test_split: str | None = "test", image_size: int = 224, max_length: int = 16,
+                 test_split: str | None = "test", image_size: int | str = "auto", max_length: int = 16,
                  min_word_count: int = 5, vocab_path: str | None = None, batch_size: int = 64,
-                 num_workers: int = 2, pin_memory: bool = False, persistent_workers: bool = True,
-                 augment: bool = False, split_source: str = "official", karpathy_file: str | None = None,
+                 num_workers: int = 2, pin_memory: bool | str = "auto", persistent_workers: bool = True,
+                 augment: bool = False, augmentation: Mapping[str, Any] | None = None,
+                 split_source: str = "official", karpathy_file: str | None = None,
                  restval: bool = True, on_bad_image: str = "skip", max_image_pixels: int | None = None,
                  feature_cache: bool = False, cache_dir: str | None = None, feature_dtype: str = "float16",
                  progress: bool = True, cache_images: bool | str = "auto", image_cache_mb: int = 2048) -> None:
         super().__init__()
-        for name, value, minimum in (("image_size", image_size, 1), ("max_length", max_length, 1),
+        for name, value, minimum in (("image_size", 1 if image_size == "auto" else image_size, 1),
+                                     ("max_length", max_length, 1),
                                      ("min_word_count", min_word_count, 1), ("batch_size", batch_size, 1),
                                      ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -137,8 +157,9 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         if feature_cache and augment:
             raise ValueError(
                 "data.feature_cache=true computes each image's features once, so it cannot apply "
-                "data.augment=true (a new random crop every epoch). Set one of them to false."
+                "data.augment=true (new random shifts and flips every epoch). Set one of them to false."
             )
+        augmentation = OmegaConf.to_container(augmentation) if OmegaConf.is_config(augmentation) else augmentation
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.year = str(year)
@@ -147,12 +168,15 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         self._vocab_path = Path(vocab_path).expanduser() if vocab_path else None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.persistent_workers, self.augment = pin_memory, persistent_workers, augment
+        # built even when off, so a bad data.augmentation.* fails at once
+        self.augmentation = CaptionAugment(**(augmentation or {}), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         self.split_source, self.restval = split_source, bool(restval)
         self.karpathy_file = Path(karpathy_file).expanduser() if karpathy_file else self.root / "dataset_coco.json"
         self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
         self.feature_cache, self.feature_dtype, self.progress = bool(feature_cache), feature_dtype, progress
         self.cache_images, self.image_cache_mb = cache_images, image_cache_mb
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._encoder: nn.Module | None = None
         self._features: FeatureCache | None = None
         self._feature_keys: dict[str, tuple[CaptionSplit, dict[str, Any]]] = {}
         self._vocab: Vocabulary | None = None
@@ -271,16 +295,34 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         return {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}.get(
             stage or "", ["train", "val"] + (["test"] if self.splits["test"] else []))
 
-    # ------------------------------------------------------------------ feature cache
+    # ------------------------------------------------------------------ encoder: image size, feature cache
     def use_encoder(self, encoder: nn.Module) -> None:
-        """The frozen encoder whose features ``feature_cache`` stores. Call before ``prepare_data`` /
-        ``trainer.fit`` (train.py does); without ``feature_cache`` it is not needed."""
+        """The encoder that will see the images: ``image_size="auto"`` follows it (its ``input_size`` when
+        pretrained, its ``downsampling``), and with ``feature_cache`` its frozen features are what the cache
+        stores. Call before ``prepare_data`` / ``trainer.fit`` (train.py does)."""
+        self._encoder = encoder
+        self._features = None
+        self._feature_keys.clear()
         if self.feature_cache:
-            self._features = FeatureCache(self.cache_dir, encoder, repr(self.image_pipeline()), self.feature_dtype,
-                                          self.root)
-            self._feature_keys.clear()
+            self._require_cache()  # a trainable encoder is refused now, not at the first batch
+
+    def resolve_image_size(self) -> int:
+        """The side images are resized to: ``image_size``, or for ``"auto"`` the size chosen from the encoder and
+        the training images (once; printed with the reason, and stored in the hyperparameters so checkpoints
+        record the number)."""
+        if self.image_size == "auto":
+            paths = self._load_split("train" if self.splits["train"] else "val").image_paths
+            encoder = self._encoder
+            size, why = auto_image_size(paths, getattr(encoder, "input_size", None),
+                                        int(getattr(encoder, "downsampling", 32)))
+            rank_zero_info(f"data.image_size=auto: {size} px, {why} (set data.image_size=<pixels> to choose).")
+            self.image_size = self.hparams["image_size"] = size
+        return self.image_size
 
     def _require_cache(self) -> FeatureCache:
+        if self._features is None and self.feature_cache and self._encoder is not None:
+            self._features = FeatureCache(self.cache_dir, self._encoder, repr(self.image_pipeline()),
+                                          self.feature_dtype, self.root)
         if self._features is None:
             raise RuntimeError(
                 "data.feature_cache=true, but no encoder was given to the DataModule: the features come from "
@@ -314,9 +356,9 @@ class CocoCaptionsDataModule(L.LightningDataModule):
             return trainer.strategy.root_device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _image_source(self, role: str, split: CaptionSplit, augment: bool = False) -> ImageSource:
+    def _image_source(self, role: str, split: CaptionSplit) -> ImageSource:
         log = self.bad_image_logs.setdefault(role, BadImageLog(split.image_paths, role))
-        return ImageSource(split.image_paths, self.image_pipeline(augment), log, self.on_bad_image)
+        return ImageSource(split.image_paths, self.image_pipeline(), log, self.on_bad_image)
 
     def _maybe_hold_in_memory(self, role: str, source: ImageSource) -> None:
         """Decode the split's images once and keep them, when ``cache_images`` says so (``auto``: when they
@@ -332,9 +374,9 @@ class CocoCaptionsDataModule(L.LightningDataModule):
                 return
         source.hold_in_memory(self.progress and len(source) > 2000, f"decoding {self._split_name(role)} images")
 
-    def image_pipeline(self, augment: bool = False) -> ImagePipeline:
+    def image_pipeline(self) -> ImagePipeline:
         """How this DataModule reads an image file (caption.py and the demo read theirs the same way)."""
-        return ImagePipeline(self.image_size, augment, self.max_image_pixels)
+        return ImagePipeline(self.resolve_image_size(), max_pixels=self.max_image_pixels)
 
     def _build_features(self, role: str) -> FeatureStore:
         key, split = self.feature_key(role), self._load_split(role)
@@ -350,6 +392,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         if not self.vocab_path.is_file():
             self._load_split("train")  # a missing root or annotation file is the likelier, clearer error
         vocab = self.vocab
+        self.augmentation.bind(vocab.word_to_idx)
         for role in self._roles(stage):
             if role in self.datasets:
                 continue
@@ -366,7 +409,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
                 source: Source = FeatureSource(store, split.image_paths, log)
             else:
                 require_images(split, role)
-                source = self._image_source(role, split, augment=self.augment and role == "train")
+                source = self._image_source(role, split)
                 self._maybe_hold_in_memory(role, source)
             dataset_type = CaptionPairDataset if role == "train" else CaptionedImageDataset
             self.datasets[role] = dataset_type(split, vocab, self.max_length, source)
@@ -416,9 +459,30 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         workers = 0 if in_memory else self.num_workers
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, drop_last=False,
-            num_workers=workers, pin_memory=self.pin_memory, collate_fn=SkippingCollate(dataset),
+            num_workers=workers, pin_memory=self._pin_memory(), collate_fn=SkippingCollate(dataset),
             persistent_workers=self.persistent_workers and workers > 0, generator=generator,
         )
+
+    def sample_loader(self, role: str, count: int) -> DataLoader:
+        """``count`` images of a split spread over it, un-augmented, as evaluation batches (images, references):
+        the run report captions training images with it beside validation, to show the generalisation gap."""
+        if role not in self.datasets:
+            raise RuntimeError(f"The {role} dataset is not built; call setup() with a stage that uses it first.")
+        built = self.datasets[role]
+        dataset = CaptionedImageDataset(built.split, self.vocab, self.max_length, built.source)
+        picked = np.unique(np.linspace(0, len(dataset) - 1, num=min(count, len(dataset)), dtype=int)).tolist()
+        subset = Subset(dataset, picked)
+        in_memory = getattr(built.source, "decoded", None) is not None
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=0 if in_memory else
+                          self.num_workers, collate_fn=SkippingCollate(subset))
+
+    def _pin_memory(self) -> bool:
+        """``pin_memory``; ``"auto"``: when the trainer computes on a GPU (pinning is for host-to-GPU copies)."""
+        if self.pin_memory != "auto":
+            return bool(self.pin_memory)
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else None
+        return device is not None and device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled pairs in an order fixed by the run's ``seed`` and the epoch (see
@@ -436,6 +500,13 @@ class CocoCaptionsDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches augmented on their device (``augment``): one batched transform, captions included."""
+        trainer = getattr(self, "trainer", None)
+        if self.augment and trainer is not None and trainer.training and "images" in batch:
+            batch["images"], batch["captions"] = self.augmentation(batch["images"], batch["captions"])
+        return batch
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:

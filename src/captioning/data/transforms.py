@@ -5,13 +5,16 @@ and the demo, so that the same file always gives the same tensor.
 white, 16-bit rescaled, CMYK and greyscale converted; a decompression-bomb guard) then
 :func:`image_transform` (resize to S x S, scale to [0, 1], normalise with ImageNet's mean and std: what
 torchvision's pretrained weights expect, and what the small CNN trained from scratch learns on too).
+:class:`CaptionAugment` augments training batches so that their captions stay true.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -19,26 +22,17 @@ from torchvision.transforms.v2 import functional as F
 
 from captioning.data.images import load_image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImagePipeline", "image_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CaptionAugment", "ImagePipeline", "auto_image_size", "image_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def image_transform(image_size: int, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB -> FloatTensor (3, S, S), ImageNet-normalised.
-
-    The only augmentation is a mild random-resized crop: flips would swap the 'left' and 'right' the
-    captions speak of, and colour jitter would change the colours they name.
-    """
-    resize = (
-        v2.RandomResizedCrop((image_size, image_size), scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True)
-        if augment
-        else v2.Resize((image_size, image_size), antialias=True)
-    )
+def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB -> FloatTensor (3, S, S), ImageNet-normalised: torchvision's form of :class:`ImagePipeline`'s steps."""
     return v2.Compose([
         v2.ToImage(),
-        resize,
+        v2.Resize((image_size, image_size), antialias=True),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
@@ -47,31 +41,28 @@ def image_transform(image_size: int, augment: bool = False) -> Callable[[Image.I
 class ImagePipeline:
     """An image file -> (3, S, S) float tensor, as every entry point reads images.
 
-    Without augmentation the steps are spelled out with torchvision's functional ops — decode to uint8,
-    resize, scale to [0, 1], normalise — the same kernels :func:`image_transform` runs, so the tensors are
-    equal to its, without its per-call overhead; :meth:`stored` and :meth:`finish` split them so that a
-    DataModule holding a small set's images in memory keeps them decoded and resized (uint8) and only
-    finishes them per sample.
+    The steps are spelled out with torchvision's functional ops — decode to uint8, resize, scale to [0, 1],
+    normalise — the same kernels :func:`image_transform` runs, so the tensors are equal to its, without its
+    per-call overhead; :meth:`stored` and :meth:`finish` split them so that a DataModule holding a small set's
+    images in memory keeps them decoded and resized (uint8) and only finishes them per sample. Training
+    augmentation is not here: it works on whole batches (:class:`CaptionAugment`).
 
     Args:
         image_size: S, the side images are resized to (the DataModule's ``image_size``).
-        augment: the training augmentation (:func:`image_transform`); off for evaluation and captioning.
         max_pixels: refuse larger images (decompression bombs); None = PIL's limit.
     """
 
-    def __init__(self, image_size: int, augment: bool = False, max_pixels: int | None = None) -> None:
-        self.image_size, self.augment, self.max_pixels = image_size, augment, max_pixels
-        self.transform = image_transform(image_size, augment)
+    def __init__(self, image_size: int, max_pixels: int | None = None) -> None:
+        self.image_size, self.max_pixels = image_size, max_pixels
+        self.transform = image_transform(image_size)
 
     def load(self, path: str | Path) -> Image.Image:
         """The file as RGB; FileNotFoundError or BadImageError (a ValueError naming the file) if it cannot be."""
         return load_image(path, self.max_pixels)
 
     def stored(self, image: Image.Image) -> torch.Tensor:
-        """What a cache of this pipeline's inputs holds: the image as uint8 (3, H, W), resized to (3, S, S)
-        unless the pipeline augments (the random crop then needs the whole image)."""
-        pixels = F.pil_to_tensor(image)
-        return pixels if self.augment else self._resize(pixels)
+        """What a cache of this pipeline's inputs holds: the image as uint8 (3, S, S)."""
+        return self._resize(F.pil_to_tensor(image))
 
     def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
         if tuple(pixels.shape[-2:]) == (self.image_size, self.image_size):
@@ -86,10 +77,163 @@ class ImagePipeline:
         """A file, an RGB image loaded with :meth:`load`, or :meth:`stored`'s tensor -> (3, S, S)."""
         if not isinstance(image, Image.Image | torch.Tensor):
             image = self.load(image)
-        if self.augment:
-            return self.transform(image).as_subclass(torch.Tensor)
         pixels = image if isinstance(image, torch.Tensor) else F.pil_to_tensor(image)
         return self.finish(self._resize(pixels))
 
     def __repr__(self) -> str:
-        return f"ImagePipeline(image_size={self.image_size}, augment={self.augment}, transform={self.transform!r})"
+        # Feature caches are keyed on this string; "augment=False" stays in it (the pipeline once held the
+        # training augmentation) so that caches built before keep their key.
+        return f"ImagePipeline(image_size={self.image_size}, augment=False, transform={self.transform!r})"
+
+
+class CaptionAugment:
+    """Random augmentation of a training batch that keeps every reference caption true, on the batch's device.
+
+    - **Geometry**: one affine warp per image (shift up to ``translate`` of the side, zoom in ``scale``, rotation
+      up to ``rotate`` degrees; borders replicated), small enough that "on the left" or "at the top" stay true.
+    - **Flips**: with probability ``flip`` an image is mirrored left to right and its caption's ``swaps`` word
+      pairs exchanged ("to the left of" <-> "to the right of", "on the left" <-> "on the right"): a plain flip
+      would make every caption that names a side false.
+    - **Photometry that keeps colours**: brightness and contrast scaled by up to ``brightness`` / ``contrast``
+      and Gaussian pixel noise of std ``noise`` (in [0, 1] units) — no hue or saturation jitter, which would
+      change the colour the captions name.
+
+    Batched: a handful of tensor ops for the whole batch, no per-image Python (cheap beside a training step on a
+    CPU, free on a GPU). Images come normalised with ``mean`` / ``std`` (the pipeline's) and leave the same way.
+    :meth:`bind` gives it the vocabulary (the swap table of word ids) before the first batch.
+    """
+
+    def __init__(self, flip: float = 0.5, translate: float = 0.05, scale: tuple[float, float] | list[float] = (0.92, 1.08),
+                 rotate: float = 8.0, brightness: float = 0.1, contrast: float = 0.1, noise: float = 0.02,
+                 swaps: list[list[str]] | tuple[tuple[str, str], ...] = (("left", "right"),),
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+        scale = tuple(float(s) for s in scale)
+        checks = (("flip", flip, 0.0, 1.0), ("translate", translate, 0.0, 0.25), ("rotate", rotate, 0.0, 45.0),
+                  ("brightness", brightness, 0.0, 0.9), ("contrast", contrast, 0.0, 0.9), ("noise", noise, 0.0, 0.5))
+        for name, value, low, high in checks:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ValueError(f"data.augmentation.{name} must be a number in [{low}, {high}], got {value!r}.")
+        if len(scale) != 2 or not 0.5 <= scale[0] <= scale[1] <= 2.0:
+            raise ValueError(f"data.augmentation.scale must be [min, max] with 0.5 <= min <= max <= 2, got {list(scale)}.")
+        pairs = [tuple(pair) for pair in swaps]
+        if any(len(pair) != 2 or not all(isinstance(w, str) for w in pair) for pair in pairs):
+            raise ValueError(f"data.augmentation.swaps must be word pairs like [[left, right]], got {swaps!r}.")
+        self.flip, self.translate, self.scale, self.rotate = float(flip), float(translate), scale, float(rotate)
+        self.brightness, self.contrast, self.noise = float(brightness), float(contrast), float(noise)
+        self.swaps: tuple[tuple[str, str], ...] = tuple(pairs)  # type: ignore[assignment]
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self._swap_ids: torch.Tensor | None = None
+
+    def bind(self, word_to_idx: dict[str, int]) -> None:
+        """The vocabulary's word ids: a flip maps each id through this table (the swapped words exchanged)."""
+        table = torch.arange(max(word_to_idx.values()) + 1)
+        for a, b in self.swaps:
+            if a in word_to_idx and b in word_to_idx:
+                table[word_to_idx[a]], table[word_to_idx[b]] = word_to_idx[b], word_to_idx[a]
+        self._swap_ids = table
+
+    def swap_words(self, captions: torch.Tensor) -> torch.Tensor:
+        """Word ids (N, T) -> the ids of the mirrored captions (N, T)."""
+        if self._swap_ids is None:
+            raise RuntimeError("CaptionAugment.bind(vocabulary) was not called: a flip needs the word ids to swap.")
+        return self._swap_ids.to(captions.device)[captions]
+
+    def __call__(self, images: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, 3, S, S) normalised, captions (N, T) word ids -> the augmented batch (same shapes)."""
+        n, device = images.shape[0], images.device
+        flipped = torch.rand(n, device=device) < self.flip
+        if self._geometric:
+            images = self._warp(images, flipped)
+        elif flipped.any():
+            images = torch.where(flipped.view(n, 1, 1, 1), images.flip(-1), images)
+        if flipped.any():
+            captions = torch.where(flipped.unsqueeze(1), self.swap_words(captions), captions)
+        if self.brightness or self.contrast or self.noise:
+            images = self._photometric(images)
+        return images, captions
+
+    @property
+    def _geometric(self) -> bool:
+        return bool(self.translate or self.rotate or self.scale != (1.0, 1.0))
+
+    def affine(self, flipped: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """The warps (N, 2, 3) for ``uniform`` draws (N, 4) in [0, 1] (rotation, zoom, shift x, shift y), as
+        ``affine_grid`` takes them: output position -> input position, in [-1, 1] coordinates; the flip folded in."""
+        angle = torch.deg2rad((uniform[:, 0] * 2 - 1) * self.rotate)
+        zoom = self.scale[0] + uniform[:, 1] * (self.scale[1] - self.scale[0])
+        shift = (uniform[:, 2:] * 2 - 1) * (2 * self.translate)  # grid coordinates span [-1, 1]: 2 per side
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        mirror = torch.where(flipped, -1.0, 1.0).to(cos.dtype)
+        return torch.stack([torch.stack([cos * mirror, -sin, -shift[:, 0]], 1),
+                            torch.stack([sin * mirror, cos, -shift[:, 1]], 1)], 1)
+
+    def _warp(self, images: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        theta = self.affine(flipped, torch.rand(n, 4, device=images.device)).to(images.dtype)
+        # affine_grid's sampling positions as one batched product: [x, y, 1] of every output pixel @ theta^T
+        grid = torch.bmm(_base_grid(h, w, images.device, images.dtype).expand(n, -1, -1), theta.transpose(1, 2))
+        grid = grid.view(n, h, w, 2)
+        return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                                               align_corners=False)
+
+    def _photometric(self, images: torch.Tensor) -> torch.Tensor:
+        """Brightness b and contrast c about the image's mean g, and grey pixel noise, in [0, 1] units:
+        p' = (p - g) c + g b + noise, computed on the normalised tensor in one pass, x' = x c + offset + noise / std
+        (one noise value per pixel for all channels: it changes lightness, not hue)."""
+        n, device, dtype = images.shape[0], images.device, images.dtype
+        mean, std = self.mean.to(device, dtype), self.std.to(device, dtype)
+        draws = torch.rand(n, 2, device=device, dtype=dtype) * 2 - 1
+        brightness = (1 + draws[:, 0] * self.brightness).view(n, 1, 1, 1)
+        contrast = (1 + draws[:, 1] * self.contrast).view(n, 1, 1, 1)
+        grey = (images.mean(dim=(2, 3), keepdim=True) * std + mean).mean(dim=1, keepdim=True)  # (N, 1, 1, 1)
+        offset = ((mean - grey) * contrast + grey * brightness - mean) / std
+        out = torch.addcmul(offset, images, contrast)
+        if self.noise:
+            noise = torch.rand(n, 1, *images.shape[2:], device=device, dtype=dtype).sub_(0.5).mul_(self.noise * 12**0.5)
+            out.addcdiv_(noise, std)  # uniform noise of standard deviation `noise`
+        return out
+
+    def __repr__(self) -> str:
+        return (f"CaptionAugment(flip={self.flip}, translate={self.translate}, scale={list(self.scale)}, "
+                f"rotate={self.rotate}, brightness={self.brightness}, contrast={self.contrast}, noise={self.noise}, "
+                f"swaps={[list(p) for p in self.swaps]})")
+
+
+@functools.lru_cache(maxsize=8)
+def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, h*w, 3): [x, y, 1] of each pixel centre in [-1, 1] (``affine_grid``'s, ``align_corners=False``)."""
+    ys = (torch.arange(h, device=device, dtype=dtype) * 2 + 1) / h - 1
+    xs = (torch.arange(w, device=device, dtype=dtype) * 2 + 1) / w - 1
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y, torch.ones_like(grid_x)], dim=-1).view(1, h * w, 3)
+
+
+AUTO_SIZE_CAP = 224  # the largest size "auto" picks from the data itself: ImageNet's, and what a CPU can train on
+
+
+def auto_image_size(paths: Sequence[str], native: int | None = None, stride: int = 32, sample: int = 64,
+                    cap: int = AUTO_SIZE_CAP) -> tuple[int, str]:
+    """``image_size: auto`` -> (the size, why), for the images at ``paths`` and the encoder that will see them.
+
+    A pretrained encoder gets its ``native`` size (what its weights were trained at). Otherwise the images' own
+    size: the median longer side of up to ``sample`` of them (headers only, spread over the split), rounded to a
+    multiple of the encoder's ``stride`` (its downsampling) and capped at ``cap`` — 64 px images stay 64 px
+    instead of being upscaled to 224, which costs ~12x the compute for no detail.
+    """
+    if native:
+        return int(native), f"the input size the encoder's pretrained weights expect ({native} px)"
+    picked = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, num=min(sample, len(paths)), dtype=int))]
+    sides = []
+    for path in picked:
+        try:
+            with Image.open(path) as image:  # reads the header only
+                sides.append(max(image.size))
+        except (OSError, ValueError):
+            continue  # unreadable files are the image pipeline's to report
+    if not sides:
+        return cap, f"no training image could be read to measure, so the cap ({cap} px)"
+    median = int(np.median(sides))
+    size = int(min(cap, max(stride, round(median / stride) * stride)))
+    capped = " capped" if median > cap else ""
+    return size, (f"the training images' own size (median longer side {median} px of {len(sides)} sampled), "
+                  f"rounded to a multiple of the encoder's stride {stride}{capped}")
