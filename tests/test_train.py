@@ -41,6 +41,9 @@ def test_real_training_writes_checkpoints_metrics_and_report(tmp_path, capsys):
     assert set(metrics["test"]) >= {"test/loss", "test/bleu4", "test/cider"}
     assert metrics["blind_baseline"]["caption"] and metrics["val_images"] == 16
     assert "blind baseline" in printed and "Sample validation captions" in printed
+    # the generalisation gap: the final model on training images beside validation
+    assert metrics["train_subset"]["images"] == 64 and 0 <= metrics["train_subset"]["grounding/precision"] <= 1
+    assert "generalisation gap (final model, 64 training images / validation): bleu4" in printed
     # The checkpoint alone rebuilds the model, vocabulary included, and loads with weights_only.
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     vocab = ckpt["hyper_parameters"]["vocab"]
@@ -122,3 +125,36 @@ def test_default_run_learns_to_see(tmp_path):
     assert final["val/bleu4"] >= 0.75 and final["val/bleu4"] > 2 * blind["bleu4"]
     assert final["val/cider"] > 5 * blind["cider"]
     assert metrics["distinct_val_captions"] > 100
+
+
+def test_ema_weights_are_what_validation_and_checkpoints_use(tmp_path):
+    """callbacks.ema: validation scores the averaged weights and checkpoints hold them (the raw ones ride along
+    to resume). With decay 1 the average stays the weights after the first step, so its validation loss is the
+    nearly untrained model's, far above the trained one's; a resume carries the average on."""
+    plain = train_in_process(tmp_path, "plain", "trainer.max_epochs=2", "test=false")
+    ema = train_in_process(tmp_path, "ema", "trainer.max_epochs=2", "test=false",
+                           "+callbacks.ema._target_=captioning.callbacks.EMA", "+callbacks.ema.decay=1.0")
+    assert ema["val/loss"] > plain["val/loss"] + 5  # validation ran on the (frozen) average, not the trained weights
+    run = next(d for d in run_dirs(tmp_path) if d.name == "ema")
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    average, current = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert set(average) == set(current)
+    assert any(not torch.equal(average[k], current[k]) for k in average)
+    # eval.py / load_checkpoint read the average from the checkpoint with nothing to set
+    from captioning.module import load_checkpoint
+
+    module, _ = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in average.items())
+
+
+def test_the_gap_line_says_when_validation_is_much_worse():
+    from captioning.callbacks import RunReport
+
+    final = {"val/bleu4": 0.80, "val/grounding/precision": 0.95, "val/grounding/chair_i": 0.05}
+    close = RunReport.gap_line({"images": 500, "bleu4": 0.82, "grounding/precision": 0.97,
+                                "grounding/chair_i": 0.03}, final)
+    assert close.startswith("generalisation gap (final model, 500 training images / validation): bleu4 0.820 / 0.800")
+    assert "much worse" not in close
+    far = RunReport.gap_line({"images": 500, "bleu4": 0.95, "grounding/precision": 0.97,
+                              "grounding/chair_i": 0.01}, {**final, "val/grounding/chair_i": 0.2})
+    assert "validation is much worse than training on bleu4, grounding/chair_i" in far

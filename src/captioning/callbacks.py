@@ -14,19 +14,22 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from torch.optim.swa_utils import AveragedModel
 
 from .data.images import load_image
 from .io import write_json
 from .loggers import find_wandb_logger
 from .metrics import CaptionScorer, corpus_bleu, tokenize
+from .module import grounding_scorer
 from .visualize import attention_overlay
 
-__all__ = ["RunReport", "best_constant_caption", "Throughput", "WandbSummary", "WandbCaptionSamples"]
+__all__ = ["EMA", "RunReport", "best_constant_caption", "Throughput", "WandbSummary", "WandbCaptionSamples"]
 
 
 # Metrics where less is better: losses and hallucination rates.
@@ -62,15 +65,25 @@ class RunReport(L.Callback):
     split and prints it beside the model's numbers, with sample captions for a few validation images and
     how many distinct captions the model gave — a captioner that ignores the image gives one.
 
+    It also captions ``train_samples`` training images with the final model and prints their scores beside the
+    final validation ones (``train_subset`` in metrics.json): the generalisation gap, with a line that says so
+    when validation is much worse than training (overfitting), so that nobody has to read curves to see it.
+
     Args:
         path: where to write metrics.json (the run directory).
         num_samples: validation images whose captions are printed.
         baseline_candidates: how many of the most frequent training captions the baseline tries.
+        train_samples: training images the final model captions for the generalisation gap (0: none).
     """
 
-    def __init__(self, path: str, num_samples: int = 8, baseline_candidates: int = 50) -> None:
+    # the metrics the gap is read on, and how much worse validation may be (absolute) before the report says so
+    GAP_METRICS = ("bleu4", "grounding/precision", "grounding/correct", "grounding/chair_i")
+    GAP_TOLERANCE = 0.05
+
+    def __init__(self, path: str, num_samples: int = 8, baseline_candidates: int = 50, train_samples: int = 500) -> None:
         self.path = Path(path)
         self.num_samples, self.baseline_candidates = num_samples, baseline_candidates
+        self.train_samples = train_samples
         self.history: list[dict[str, float]] = []
         self.report: dict[str, Any] = {}
 
@@ -123,8 +136,46 @@ class RunReport(L.Callback):
                 ids = grounding.image_ids
                 details = grounding.details({i: c for i, c in predictions.items() if i in ids})
                 verdicts = {i: d.summary() for i, d in details.items()}
+            if self.train_samples and hasattr(datamodule, "sample_loader"):
+                self.report["train_subset"] = self._score_training_images(datamodule, pl_module)
             self._print(datamodule.references("val"), predictions, verdicts)
         self.write()
+
+    @torch.no_grad()
+    def _score_training_images(self, datamodule: Any, pl_module: L.LightningModule) -> dict[str, float]:
+        """The final model's scores on ``train_samples`` training images (greedy as configured, no augmentation)."""
+        was_training = pl_module.training
+        pl_module.eval()
+        predictions: dict[int, str] = {}
+        references: dict[int, list[str]] = {}
+        for batch in datamodule.sample_loader("train", self.train_samples):
+            features = pl_module.encode({k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v
+                                         for k, v in batch.items()})
+            decoded = pl_module.decoding(pl_module.decoder, features)
+            for image_id, ids, refs in zip(batch["image_ids"].tolist(), decoded.captions, batch["references"],
+                                           strict=True):
+                predictions[image_id], references[image_id] = pl_module.caption_text(ids), refs
+        pl_module.train(was_training)
+        scores = CaptionScorer(references)(predictions)
+        grounding = grounding_scorer(datamodule, "train")
+        if grounding is not None:
+            scores.update({f"grounding/{k}": v for k, v in grounding(predictions).items()})
+        return {"images": len(predictions), **scores}
+
+    @classmethod
+    def gap_line(cls, train: dict[str, float], final: dict[str, float]) -> str:
+        """'generalisation gap (final model, N training images vs validation): bleu4 0.91 / 0.77, ...', and a
+        warning when validation trails training by more than ``GAP_TOLERANCE`` on any of them."""
+        pairs = [(name, train[name], final[f"val/{name}"]) for name in cls.GAP_METRICS
+                 if name in train and f"val/{name}" in final]
+        text = ", ".join(f"{name} {a:.3f} / {b:.3f}" for name, a, b in pairs)
+        line = f"generalisation gap (final model, {train.get('images', 0)} training images / validation): {text}"
+        worse = [name for name, a, b in pairs if (b - a if name.endswith(_LOWER_IS_BETTER) else a - b) > cls.GAP_TOLERANCE]
+        if worse:
+            line += (f"\nvalidation is much worse than training on {', '.join(worse)}: the model fits its training "
+                     "images better than new ones. More images, data.augment=true, model.dropout, "
+                     "optimizer.weight_decay or fewer epochs may close the gap.")
+        return line
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -152,6 +203,8 @@ class RunReport(L.Callback):
         console.print(
             f"distinct captions: {self.report['distinct_val_captions']} for {self.report['val_images']} "
             "validation images")
+        if "train_subset" in self.report:
+            console.print(self.gap_line(self.report["train_subset"], final))
         samples = Table(title="Sample validation captions (final model)")
         samples.add_column("image id", justify="right")
         samples.add_column("model")
@@ -163,6 +216,33 @@ class RunReport(L.Callback):
             samples.add_row(str(image_id), predictions[image_id], *verdict, references[image_id][0])
         console.print(samples)
         console.print(f"metrics written to {self.path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight averaging
+# ---------------------------------------------------------------------------------------------------------
+
+
+class EMA(EMAWeightAveraging):
+    """An exponential moving average of the weights (Lightning's ``EMAWeightAveraging``): validation, the
+    checkpoints (``state_dict``; the raw weights ride along for resuming) and the model at the end of fitting
+    use the averaged weights, so eval.py and caption.py read them from a checkpoint with nothing to set.
+
+    The only change to Lightning's callback: the average is copied from the module after its decoder exists (the
+    decoder is sized by the data's vocabulary, :meth:`CaptioningModule.configure_model`), which Lightning's
+    ``setup`` would do with a warning meant for sharded models.
+
+    Args:
+        decay: the weight of the average at each update (0.999: ~1,000 steps; 0.99: ~100).
+        update_every_n_steps, update_starting_at_step, update_starting_at_epoch: as Lightning's.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        pl_module.configure_model()
+        self._average_model = AveragedModel(model=pl_module, device=self._device or pl_module.device,
+                                            use_buffers=self._use_buffers, **self._kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
