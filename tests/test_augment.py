@@ -79,10 +79,12 @@ def _moved_centre(augment, theta, x, y, size):
 def test_the_strongest_jitter_keeps_every_reference_true(shapes):
     """The default ranges at their corners (the most shift, zoom and rotation at once, with and without a flip):
     the objects' centres moved as the warp moves them, every reference (sides swapped when flipped) stays true."""
-    augment = CaptionAugment()  # the defaults data.augment=true uses
     scenes, references = shapes.scenes("val"), shapes.references("val")
     corners = list(itertools.product([0.0, 1.0], repeat=4))
-    for flip, corner in itertools.product([False, True], corners):
+    # the defaults data.augment=true uses, and with the rotation switched on
+    for augment, flip, corner in itertools.product([CaptionAugment(), CaptionAugment(rotate=8.0, scale=[0.92, 1.08])],
+                                                   [False, True],
+                                                   corners):
         theta = augment.affine(torch.tensor([flip]), torch.tensor([corner]))[0]
         moved = {}
         for image_id, scene in scenes.items():
@@ -99,7 +101,7 @@ def test_the_strongest_jitter_keeps_every_reference_true(shapes):
 def test_photometric_noise_keeps_every_colour_name():
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255  # (5, 3)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    augment = CaptionAugment(flip=0.0, translate=0.0, scale=[1.0, 1.0], rotate=0.0, noise=0.0)
+    augment = CaptionAugment(flip=0.0, translate=0.0, scale=[1.0, 1.0], rotate=0.0, brightness=0.1, contrast=0.1)
     for background in (45 / 255, 110 / 255):
         # half background, half each palette colour; 64 draws of brightness and contrast
         image = torch.full((64, 3, 8, 8), background)

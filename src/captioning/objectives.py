@@ -69,6 +69,13 @@ class CrossEntropy(Objective):
         noise: what replaces a fed word: ``"uniform"`` (a word drawn uniformly from the vocabulary: data noising,
             Xie et al. 2017) or ``"model"`` (the word the model itself predicted there, from a teacher-forced pass
             without gradients: parallel scheduled sampling, Duckworth et al. 2019).
+        image_dropout: the fraction of captions trained with zero features in place of their image, so that the
+            decoder also learns the captions' language alone: the prior classifier-free guidance subtracts when
+            decoding (``decoding.guidance=auto``). 0 in code (the courses' loss, and how checkpoints from before it
+            were trained); the project's config sets 0.15.
+
+    Measured on the built-in set's held-out pairs (README, "Generalisation"): image dropout with guidance lifts
+    the held-out pairs' recall; label smoothing, input noise and weight decay did not.
     """
 
     name = "xe"

@@ -91,9 +91,11 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         num_workers, pin_memory, persistent_workers: as for ``torch.utils.data.DataLoader``
             (``persistent_workers`` only applies when ``num_workers > 0``); ``pin_memory="auto"`` pins only
             when the trainer runs on a GPU (pinned CPU memory buys nothing on a CPU and warns).
-        augment: augment training batches (:class:`~captioning.data.transforms.CaptionAugment`: small shifts,
-            zooms and rotations, left-right flips with "left" and "right" swapped in the captions, brightness,
-            contrast and pixel noise; never a hue change: captions name colours), on the batch's device.
+        augment: augment training batches, on their device, keeping every reference true
+            (:class:`~captioning.data.transforms.CaptionAugment`: zooms and shifts by default; optionally rotations,
+            left-right flips that swap "left" and "right" in the captions, brightness, contrast and pixel noise;
+            never a hue change: captions name colours). Not with ``feature_cache`` (the cached features are of
+            the plain images: augmentation is then off, with a note).
         augmentation: ``CaptionAugment``'s arguments (``flip``, ``translate``, ``scale``, ``rotate``,
             ``brightness``, ``contrast``, ``noise``, ``swaps``); unset ones keep its defaults.
         split_source: "official" (``captions_<split><year>.json``) or "karpathy" (``dataset_coco.json``).
@@ -130,7 +132,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
                  test_split: str | None = "test", image_size: int | str = "auto", max_length: int = 16,
                  min_word_count: int = 5, vocab_path: str | None = None, batch_size: int = 64,
                  num_workers: int = 2, pin_memory: bool | str = "auto", persistent_workers: bool = True,
-                 augment: bool = False, augmentation: Mapping[str, Any] | None = None,
+                 augment: bool = True, augmentation: Mapping[str, Any] | None = None,
                  split_source: str = "official", karpathy_file: str | None = None,
                  restval: bool = True, on_bad_image: str = "skip", max_image_pixels: int | None = None,
                  feature_cache: bool = False, cache_dir: str | None = None, feature_dtype: str = "float16",
@@ -155,10 +157,10 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         if isinstance(image_cache_mb, bool) or not isinstance(image_cache_mb, int) or image_cache_mb < 0:
             raise ValueError(f"data.image_cache_mb must be an integer >= 0 (megabytes), got {image_cache_mb!r}.")
         if feature_cache and augment:
-            raise ValueError(
-                "data.feature_cache=true computes each image's features once, so it cannot apply "
-                "data.augment=true (new random shifts and flips every epoch). Set one of them to false."
-            )
+            # the default augments; cached features are computed once from the plain images
+            rank_zero_info("data.feature_cache=true: training batches are the features cached from the plain "
+                           "images, so data.augment is not applied (set data.feature_cache=false to augment).")
+            augment = False
         augmentation = OmegaConf.to_container(augmentation) if OmegaConf.is_config(augmentation) else augmentation
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()

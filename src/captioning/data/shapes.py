@@ -460,7 +460,7 @@ class ShapesDataModule(CocoCaptionsDataModule):
                  num_test: int = 500, image_size: int = 64, seed: int = 0, max_length: int = 16,
                  min_word_count: int = 1, vocab_path: str | None = None, batch_size: int = 64,
                  num_workers: int = 2, pin_memory: bool | str = "auto", persistent_workers: bool = True,
-                 augment: bool = False, augmentation: Any = None, progress: bool = True, on_bad_image: str = "skip",
+                 augment: bool = True, augmentation: Any = None, progress: bool = True, on_bad_image: str = "skip",
                  max_image_pixels: int | None = None, feature_cache: bool = False, cache_dir: str | None = None,
                  feature_dtype: str = "float16", cache_images: bool | str = "auto", image_cache_mb: int = 2048,
                  holdout: Any = None) -> None:
