@@ -59,8 +59,11 @@ def write_table(rows: list[dict], path: Path) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit(f"the table is in {path.with_suffix('.md')}; the plot needs matplotlib: pip install -e '.[plots]' "
+                 "(make install has it)")
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
