@@ -165,7 +165,9 @@ def test_the_default_names_pairs_training_never_showed(tmp_path):
     assert final["val/grounding/novel_recall"] >= NOVEL_RECALL
     assert final["val/grounding/novel_precision"] >= 0.9
     assert final["val/grounding/novel_recall"] >= 0.5 * final["val/grounding/seen_recall"]
-    assert final["val/grounding/seen_precision"] >= 0.85
+    assert final["val/grounding/seen_precision"] >= 0.8
 
 
+# measured with these settings: novel recall 0.451 / 0.465 (seeds 12345 / 1; seen recall 0.662 / 0.812, seen
+# precision 0.868 / 0.871, 195-215 s here); the previous recipe: 0.04 after all 10 epochs
 NOVEL_RECALL = 0.3
