@@ -72,6 +72,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for column in ("object precision", "true captions", "one-object exact", "BLEU-4"):
         ax.plot(sizes, [r[column] for r in rows], marker="o", label=column)
     ax.set_xscale("log")
+    ax.minorticks_off()  # the log axis's minor labels crowd out the sizes
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("training images")
     ax.set_ylim(0, 1.02)

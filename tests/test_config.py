@@ -154,3 +154,14 @@ def test_scst_carries_the_optimisation_it_needs(tmp_path):
     assert mine.optimizer.lr == 1e-4 and mine.trainer.max_epochs == 3
     xe = compose_train(tmp_path)
     assert xe.optimizer.lr == 2e-3 and xe.trainer.max_epochs == 10
+
+
+@pytest.mark.parametrize(("model", "pathways"), [("attention", True), ("lstm", False), ("rnn", False)])
+def test_small_cnn_pathways_auto_follows_the_decoder(tmp_path, model, pathways):
+    """encoder.pathways=auto: on for the attention decoder, off for the pooling ones; the hparams (and so the
+    checkpoint) record the outcome, and an explicit value wins."""
+    module = instantiate(compose_train(tmp_path, [f"model={model}"]).module, _recursive_=False)
+    assert module.encoder.pathways is pathways and module.hparams.encoder["pathways"] is pathways
+    forced = instantiate(compose_train(tmp_path, [f"model={model}", "encoder.pathways=true"]).module,
+                         _recursive_=False)
+    assert forced.encoder.pathways is True

@@ -40,6 +40,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def settle_encoder(encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder config with ``pathways: auto`` settled by the decoder it feeds (the checkpoint records the
+    outcome). Separate shape and colour pathways help the attention decoder, which reads both from the same cell
+    of the map, name pairs it never saw; a decoder that max-pools the map into one vector (rnn, lstm) then only
+    learns *that* some cell is red and *that* some cell holds a star: on the built-in set the LSTM's object
+    precision is 0.76 with them and 0.90 without (colours 0.78 and 0.97); flattening the map instead: 0.88."""
+    encoder = dict(encoder)
+    if encoder.get("pathways") == "auto":
+        encoder["pathways"] = (decoder or {}).get("cell_type", "lstm") == "attention"
+    return encoder
+
+
 class CaptioningModule(L.LightningModule):
     """Encoder + recurrent decoder, trained with the masked temporal softmax loss.
 
@@ -103,6 +115,7 @@ class CaptioningModule(L.LightningModule):
         )
         self.nonfinite_steps = 0
         self._drop_gradients = False  # set by a skipped step, read by on_before_optimizer_step
+        self.hparams.encoder = settle_encoder(self.hparams.encoder, self.hparams.decoder)
         self.encoder: nn.Module = instantiate(self.hparams.encoder)
         self.decoder: CaptioningRNN | None = None
         self.vocab: Vocabulary | None = None

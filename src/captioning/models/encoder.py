@@ -64,10 +64,13 @@ class SmallCNN(nn.Module):
         batch_norm: bool = True,
         coordinates: bool = True,
         depth: int = 2,
-        pathways: bool = False,
+        pathways: bool | str = False,
         color_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if pathways == "auto":
+            raise ValueError("SmallCNN(pathways='auto') is settled by the decoder it feeds (CaptioningModule: on for "
+                             "model=attention, off for rnn/lstm); building SmallCNN alone, pass true or false.")
         channels = tuple(int(c) for c in channels)
         if out_dim <= 0 or not channels or min(channels) <= 0 or depth < 1:
             raise ValueError(
