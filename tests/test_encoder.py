@@ -75,6 +75,10 @@ def test_small_cnn_keeps_position_after_mean_pooling() -> None:
 def test_small_cnn_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="channels"):
         SmallCNN(channels=())
+    with pytest.raises(ValueError, match="encoder.pathways='yes' is not true, false or auto"):
+        SmallCNN(pathways="yes")
+    with pytest.raises(ValueError, match="settled by the decoder"):
+        SmallCNN(pathways="auto")
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))

@@ -71,6 +71,8 @@ class SmallCNN(nn.Module):
         if pathways == "auto":
             raise ValueError("SmallCNN(pathways='auto') is settled by the decoder it feeds (CaptioningModule: on for "
                              "model=attention, off for rnn/lstm); building SmallCNN alone, pass true or false.")
+        if not isinstance(pathways, bool):
+            raise ValueError(f"encoder.pathways={pathways!r} is not true, false or auto.")
         channels = tuple(int(c) for c in channels)
         if out_dim <= 0 or not channels or min(channels) <= 0 or depth < 1:
             raise ValueError(
@@ -83,7 +85,7 @@ class SmallCNN(nn.Module):
         self.downsampling = 2 ** len(channels)
         self.input_size = None  # trained from scratch: any size divisible by downsampling (data.image_size=auto)
 
-        self.pathways = bool(pathways)
+        self.pathways = pathways
         color_dim = max(1, out_dim // 8) if color_dim is None else color_dim
         if self.pathways and not 0 < color_dim < out_dim:
             raise ValueError(f"SmallCNN: color_dim must be in (0, out_dim={out_dim}) with pathways, got {color_dim}.")
