@@ -12,7 +12,6 @@ from captioning.models.decoding import (
     beam_search,
     greedy_decode,
     sample_decode,
-    sequence_log_probs,
 )
 
 NULL, START, END = 0, 1, 2
@@ -276,9 +275,9 @@ def test_beam_search_never_less_likely_than_greedy(cell_type, beam_size):
     greedy = greedy_decode(model, feats, 8)
     beam = beam_search(model, feats, beam_size=beam_size, max_length=8)
     # The reported scores are the true sequence log-probabilities...
-    torch.testing.assert_close(beam.log_probs, sequence_log_probs(model, feats, beam.captions).float(),
+    torch.testing.assert_close(beam.log_probs, model.log_probs(feats, beam.captions).float(),
                                rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(greedy.log_probs, sequence_log_probs(model, feats, greedy.captions).float(),
+    torch.testing.assert_close(greedy.log_probs, model.log_probs(feats, greedy.captions).float(),
                                rtol=1e-4, atol=1e-4)
     # ...and never below greedy's, image by image.
     assert torch.all(beam.log_probs >= greedy.log_probs.float() - 1e-4)
@@ -308,7 +307,7 @@ def test_beam_search_finds_the_exhaustive_best_on_a_tiny_vocab():
         seq = list(seq)
         if END in seq:
             seq = seq[: seq.index(END) + 1] + [NULL] * (L - seq.index(END) - 1)
-        lp = sequence_log_probs(model, feats, torch.tensor([seq])).item()
+        lp = model.log_probs(feats, torch.tensor([seq])).item()
         if lp > best_lp:
             best, best_lp = seq, lp
     beam = beam_search(model, feats, beam_size=16, max_length=L)

@@ -13,7 +13,6 @@ import torch
 from captioning.data.vocab import Vocabulary
 from captioning.metrics import CiderD
 from captioning.models import CaptioningRNN
-from captioning.models.decoding import sequence_log_probs
 from captioning.models.loss import linear_temporal_softmax_loss, temporal_softmax_loss
 from captioning.objectives import SelfCritical
 
@@ -65,20 +64,35 @@ def test_policy_loss_is_minus_the_advantage_weighted_log_probability():
     features = torch.randn(2, 4, dtype=torch.float64)
     samples = padded("a red square", "blue circle")
     advantage = torch.tensor([1.5, -0.5], dtype=torch.float64)
-    log_p = sequence_log_probs(decoder, features, samples)  # the decoders' own distribution
+    log_p = decoder.log_probs(features, samples)  # the decoders' own distribution
     loss = SelfCritical.policy_loss(decoder, features, samples, advantage)
     assert loss.item() == pytest.approx(-(1.5 * log_p[0] - 0.5 * log_p[1]).item() / 2, rel=1e-10)
+
+def test_the_policy_loss_is_per_caption_whatever_the_decoders_loss_normalisation():
+    decoder = toy_decoder()
+    decoder.loss_normalize = "tokens"  # the cross-entropy's choice; REINFORCE stays a mean over captions
+    features = torch.randn(2, 4, dtype=torch.float64)
+    samples = padded("a red square", "blue circle")
+    advantage = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    log_p = decoder.log_probs(features, samples)
+    loss = SelfCritical.policy_loss(decoder, features, samples, advantage)
+    assert loss.item() == pytest.approx(-(2.0 * log_p[0] + log_p[1]).item() / 2, rel=1e-10)
+    # and the log-probabilities are those of the decoding distribution: <NULL> and <START> never emitted
+    h, _ = decoder._teacher_forced(features, decoder.with_start(samples))
+    scores = decoder.vocab_proj(h)
+    full = scores.log_softmax(-1).gather(-1, samples.unsqueeze(-1)).squeeze(-1).masked_fill(samples == NULL, 0)
+    assert torch.all(log_p > full.sum(dim=1))
 
 def test_one_step_makes_a_better_sample_more_likely_and_a_worse_one_less():
     decoder = toy_decoder(1)
     features = torch.randn(2, 4, dtype=torch.float64)
     samples = padded("a red square on the left", "the blue circle", length=7)
     advantage = torch.tensor([1.0, -1.0], dtype=torch.float64)  # above / below the baseline
-    before = sequence_log_probs(decoder, features, samples)
+    before = decoder.log_probs(features, samples)
     optimizer = torch.optim.SGD(decoder.parameters(), lr=0.05)
     SelfCritical.policy_loss(decoder, features, samples, advantage).backward()
     optimizer.step()
-    after = sequence_log_probs(decoder, features, samples)
+    after = decoder.log_probs(features, samples)
     assert after[0] > before[0] and after[1] < before[1]
 
 def test_the_mean_baseline_leaves_the_sample_out():
@@ -97,7 +111,7 @@ REFERENCES = {
 
 def test_the_reward_is_the_projects_cider_d_of_the_same_captions():
     objective = SelfCritical()
-    objective.setup(REFERENCES, VOCAB)
+    objective.use_references(REFERENCES, VOCAB)
     texts = ["a red square on the left", "a blue square", "red circle", "a red square", "the left"]
     image_ids = [10, 11, 12, 10, 10]  # image 10 three times: rows of one image are scored apart
     captions = padded(*texts, length=8)
@@ -109,7 +123,7 @@ def test_the_reward_is_the_projects_cider_d_of_the_same_captions():
 
 def test_bad_endings_are_penalized_or_forbidden():
     objective = SelfCritical(bad_ending="penalize", bad_ending_penalty=0.5)
-    objective.setup(REFERENCES, VOCAB)
+    objective.use_references(REFERENCES, VOCAB)
     samples = padded("a red square on the", "a red square", "a red square on")
     assert objective._ends_badly(samples).tolist() == [True, False, True]
 
@@ -128,17 +142,17 @@ def test_bad_endings_are_penalized_or_forbidden():
     decoder = EndsAfterTheLastWord(vocab_size=len(WORDS), input_dim=4, wordvec_dim=5, hidden_dim=6, cell_type="lstm")
     features = torch.randn(8, 4)
     forbid = SelfCritical(num_samples=2, bad_ending="forbid", max_length=5)
-    forbid.setup(REFERENCES, VOCAB)
+    forbid.use_references(REFERENCES, VOCAB)
     samples, _ = forbid._sample(decoder, features)
     allowed = SelfCritical(num_samples=2, bad_ending="none", max_length=5)
-    allowed.setup(REFERENCES, VOCAB)
+    allowed.use_references(REFERENCES, VOCAB)
     plain, _ = allowed._sample(decoder, features)
     assert (plain[:, :2] == torch.tensor([VOCAB["the"], END])).all()  # "the <END>" every time
     assert not forbid._ends_badly(samples[samples.eq(END).any(dim=1)]).any()  # never "... the <END>"
 
 def test_a_training_step_samples_k_captions_per_image_and_logs():
     objective = SelfCritical(num_samples=3, baseline="mean", xe_weight=0.5, max_length=6)
-    objective.setup(REFERENCES, VOCAB)
+    objective.use_references(REFERENCES, VOCAB)
     decoder = toy_decoder().float()
     batch = {"image_ids": torch.tensor([10, 11]), "captions": torch.tensor([[START, *ids("a red square")],
                                                                             [START, *ids("a blue circle")]])}

@@ -416,9 +416,12 @@ class CiderD:
         """
         _check_predictions(hypotheses, self._row, "CiderD.score")
         image_ids = list(hypotheses)
-        counts = self.ngrams.count([tokenize(hypotheses[i]) for i in image_ids])
-        per_image = self._score_counts(self.rows(image_ids), counts)
+        per_image = self.score_tokens(image_ids, [tokenize(hypotheses[i]) for i in image_ids])
         return float(per_image.mean()), dict(zip(image_ids, per_image.tolist(), strict=True))
+
+    def score_tokens(self, image_ids: Sequence[int], hypotheses: list[list[str]]) -> np.ndarray:
+        """CIDEr-D (H,) of already tokenised hypotheses, one per image id (distinct ids among the references')."""
+        return self._score_counts(self.rows(list(image_ids)), self.ngrams.count(hypotheses))
 
     def _score_counts(self, rows: np.ndarray, counts: _NgramCounts) -> np.ndarray:
         """Per-image CIDEr-D (H,) of the hypotheses of image rows ``rows`` (H,), given their n-gram counts."""

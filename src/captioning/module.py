@@ -176,7 +176,7 @@ class CaptioningModule(L.LightningModule):
                 "it was trained on."
             )
         if stage == "fit":
-            self._setup_objective(datamodule)
+            self.objective.setup(datamodule, self.trainer)
         # the test split only when testing: COCO 2017 (and the official 2014 layout) has none to fit with
         for split, stages in (("val", ("fit", "validate")), ("test", ("test",))):
             if stage in stages and split not in self.scorers:
@@ -184,32 +184,6 @@ class CaptioningModule(L.LightningModule):
                 grounding = grounding_scorer(datamodule, split)
                 if grounding is not None:
                     self.grounding[split] = grounding
-
-    def _setup_objective(self, datamodule: Any) -> None:
-        """The objective's view of the training split (SCST: the reward's document frequencies). Built once, on
-        rank 0, and read by every process from a file beside the run, so all ranks reward with the same
-        numbers; a process that cannot see the file (nodes without a shared disk) builds its own, equal ones."""
-        if type(self.objective).setup is Objective.setup:
-            return  # nothing to prepare (cross-entropy)
-        from .metrics import CiderD
-
-        def build() -> CiderD:
-            return CiderD(datamodule.references("train"), sigma=getattr(self.objective, "sigma", 6.0))
-
-        strategy = self.trainer.strategy
-        if self.trainer.world_size == 1:
-            self.objective.setup(build(), self.vocab)
-            return
-        path = Path(self.trainer.default_root_dir) / "objective" / "train_references.pt"
-        if strategy.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(build(), path)
-        strategy.barrier("objective-references")
-        if strategy.is_global_zero or not path.is_file():
-            cider = torch.load(path, weights_only=False) if path.is_file() else build()
-        else:
-            cider = torch.load(path, weights_only=False)  # our own file, written a moment ago by rank 0
-        self.objective.setup(cider, self.vocab)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)

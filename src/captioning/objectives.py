@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,6 @@ from torch import Tensor
 from .metrics import CiderD, tokenize
 from .models import CaptioningRNN
 from .models.decoding import greedy_decode, step_decode
-from .models.loss import linear_temporal_softmax_loss
 
 __all__ = ["BASELINES", "BAD_ENDINGS", "CrossEntropy", "Objective", "SelfCritical"]
 
@@ -45,13 +45,12 @@ BAD_ENDINGS = ("a", "an", "the", "with", "and", "of", "on", "in", "to", "at", "i
 
 
 class Objective:
-    """What a training step minimises. ``setup`` gets the training references once; ``__call__`` returns the
-    loss and the numbers to log (as tensors, logged under ``train/``)."""
+    """What a training step minimises. ``setup`` prepares what it needs from the data once per fit; ``__call__``
+    returns the loss and the numbers to log (as tensors, logged under ``train/``)."""
 
-    name = "objective"
-
-    def setup(self, references: Mapping[int, Sequence[str]], vocab: Any) -> None:  # noqa: B027 - optional hook
-        """Called once per fit, on every process, with the training split's references and the vocabulary."""
+    def setup(self, datamodule: Any, trainer: Any = None) -> None:  # noqa: B027 - optional hook
+        """Called once per fit, on every process, with the DataModule (``vocab``, ``references("train")``) and the
+        Lightning Trainer (``world_size``, ``strategy``, ``default_root_dir``; None outside a fit)."""
 
     def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
         raise NotImplementedError
@@ -78,7 +77,6 @@ class CrossEntropy(Objective):
     the held-out pairs' recall; label smoothing, input noise and weight decay did not.
     """
 
-    name = "xe"
     NOISE = ("uniform", "model")
 
     def __init__(self, label_smoothing: float = 0.0, input_noise: float = 0.0, noise: str = "uniform",
@@ -143,8 +141,6 @@ class SelfCritical(Objective):
         sigma: CIDEr-D's length-penalty width.
     """
 
-    name = "scst"
-
     def __init__(self, num_samples: int = 5, temperature: float = 1.0, baseline: str = "greedy",
                  xe_weight: float = 0.0, max_length: int = 16, bad_endings: Sequence[str] = BAD_ENDINGS,
                  bad_ending: str = "penalize", bad_ending_penalty: float = 1.0, max_rows: int = 4096,
@@ -179,8 +175,31 @@ class SelfCritical(Objective):
                 f"baseline={self.baseline!r}, xe_weight={self.xe_weight}, bad_ending={self.bad_ending!r})")
 
     # -------------------------------------------------------------------------------------------
-    def setup(self, references: Mapping[int, Sequence[str]] | CiderD, vocab: Any) -> None:
-        """The reward's document frequencies, from the training references (or a CiderD built from them)."""
+    def setup(self, datamodule: Any, trainer: Any = None) -> None:
+        """The reward's document frequencies, from the training split's references. Under DDP they are built once,
+        on rank 0, and read by every process from a file beside the run, so all ranks reward with the same
+        numbers; a process that cannot see the file (nodes without a shared disk) builds its own, equal ones."""
+
+        def build() -> CiderD:
+            return CiderD(datamodule.references("train"), sigma=self.sigma)
+
+        if trainer is None or trainer.world_size == 1:
+            self.use_references(build(), datamodule.vocab)
+            return
+        strategy = trainer.strategy
+        path = Path(trainer.default_root_dir) / "objective" / "train_references.pt"
+        if strategy.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(build(), path)
+        strategy.barrier("objective-references")
+        if strategy.is_global_zero or not path.is_file():
+            cider = torch.load(path, weights_only=False) if path.is_file() else build()
+        else:
+            cider = torch.load(path, weights_only=False)  # our own file, written a moment ago by rank 0
+        self.use_references(cider, datamodule.vocab)
+
+    def use_references(self, references: Mapping[int, Sequence[str]] | CiderD, vocab: Any) -> None:
+        """Reward against these references (or a CiderD built from them) with this vocabulary's words."""
         self.cider = references if isinstance(references, CiderD) else CiderD(dict(references), sigma=self.sigma)
         self.vocab = vocab
         self._bad_ids = torch.tensor([vocab.word_to_idx[w] for w in self.bad_endings if w in vocab.word_to_idx],
@@ -206,8 +225,7 @@ class SelfCritical(Objective):
         rank[order] = np.arange(len(ids)) - run_start  # 0 for an id's first row, 1 for its second...
         for k in range(int(rank.max(initial=-1)) + 1):
             rows = np.flatnonzero(rank == k)
-            counts = self.cider.ngrams.count([tokenize(texts[r]) for r in rows])
-            rewards[rows] = self.cider._score_counts(self.cider.rows([ids[r] for r in rows]), counts)
+            rewards[rows] = self.cider.score_tokens([ids[r] for r in rows], [tokenize(texts[r]) for r in rows])
         return rewards
 
     # -------------------------------------------------------------------------------------------
@@ -294,9 +312,5 @@ class SelfCritical(Objective):
     def policy_loss(decoder: CaptioningRNN, features: Tensor, samples: Tensor, advantage: Tensor) -> Tensor:
         """REINFORCE: -1/M sum_i advantage_i log p(sample_i | image_i); features (M, ...), samples (M, L) as the
         decoders return them (no <START>, <NULL> after <END>), advantage (M,)."""
-        start = samples.new_full((samples.shape[0], 1), decoder.start_id)
-        captions = torch.cat([start, samples], dim=1)
-        h = decoder.dropout(decoder.hidden_states(features, captions[:, :-1]))
-        return linear_temporal_softmax_loss(h, decoder.vocab_proj.weight, decoder.vocab_proj.bias, captions[:, 1:],
-                                            decoder.null_id, "batch", weights=advantage, excluded=(
-                                                decoder.null_id, decoder.start_id))
+        return decoder(features, decoder.with_start(samples), weights=advantage, decoding_distribution=True,
+                       normalize="batch")

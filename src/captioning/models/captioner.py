@@ -174,9 +174,15 @@ class CaptioningRNN(nn.Module):
             return self.core(x, state.A)
         return self.core(x, state.h)
 
+    @property
+    def never_emitted(self) -> tuple[int, int]:
+        """The ids no decoder emits (``<NULL>``, ``<START>``): outside the decoding distribution."""
+        return (self.null_id, self.start_id)
+
     def forward(
         self, features: Tensor, captions: Tensor, return_scores: bool = False, *, inputs: Tensor | None = None,
-        weights: Tensor | None = None, excluded: tuple[int, ...] = (), label_smoothing: float = 0.0,
+        weights: Tensor | None = None, decoding_distribution: bool = False, label_smoothing: float = 0.0,
+        normalize: str | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced loss: features (N, D) or (N, D, h, w), captions (N, T+1) -> scalar loss.
 
@@ -185,22 +191,54 @@ class CaptioningRNN(nn.Module):
 
         ``inputs`` (N, T) feeds other words than ``captions_in`` while still predicting ``captions_out``
         (input noise, scheduled sampling); ``weights`` (N,) scale each caption's loss (self-critical training);
-        ``excluded`` word ids are left out of the softmax; ``label_smoothing`` as in :mod:`.loss`.
+        ``decoding_distribution`` scores under the distribution the decoders draw from (``never_emitted`` left out
+        of the softmax, as :meth:`step` does) instead of the courses' full softmax; ``label_smoothing`` as in
+        :mod:`.loss`; ``normalize`` overrides ``loss_normalize`` (``"batch"`` or ``"tokens"``).
         """
+        h, captions_out = self._teacher_forced(features, captions, inputs)
+        excluded = self.never_emitted if decoding_distribution else ()
+        normalize = normalize or self.loss_normalize
+        if not return_scores:
+            return linear_temporal_softmax_loss(h, self.vocab_proj.weight, self.vocab_proj.bias, captions_out,
+                                                self.null_id, normalize, weights, excluded, label_smoothing)
+        scores = self.vocab_proj(h)
+        loss = temporal_softmax_loss(scores, captions_out, self.null_id, normalize, weights, excluded,
+                                     label_smoothing)
+        return loss, scores
+
+    def log_probs(self, features: Tensor, captions: Tensor) -> Tensor:
+        """log p(caption | image) under the decoding distribution, summed up to ``<END>``: features (N, ...),
+        captions (N, L) as the decoders return them (no ``<START>``, ``<NULL>`` after ``<END>``) -> (N,).
+
+        The loss's teacher-forced pass; ``-log_probs(...).mul(w).mean()`` is ``forward(features,
+        with_start(captions), weights=w, decoding_distribution=True, normalize="batch")``.
+        """
+        h, captions_out = self._teacher_forced(features, self.with_start(captions))
+        scores = self.mask_never_emitted(self.vocab_proj(h))
+        log_p = scores.log_softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        picked = log_p.gather(-1, captions_out.unsqueeze(-1)).squeeze(-1)
+        return picked.masked_fill(captions_out == self.null_id, 0.0).sum(dim=1)
+
+    def with_start(self, captions: Tensor) -> Tensor:
+        """Decoded captions (N, L) -> (N, L+1) with ``<START>`` in front, as ``forward`` takes them."""
+        return torch.cat([captions.new_full((captions.shape[0], 1), self.start_id), captions], dim=1)
+
+    def _teacher_forced(self, features: Tensor, captions: Tensor, inputs: Tensor | None = None,
+                        ) -> tuple[Tensor, Tensor]:
+        """captions (N, T+1) -> (hidden states (N, T, H) after dropout, captions_out (N, T)); ``inputs`` (N, T)
+        fed in place of captions_in."""
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
         if inputs is not None:
             if inputs.shape != captions_in.shape:
                 raise ValueError(f"inputs must have the shape of captions[:, :-1], {tuple(captions_in.shape)}; "
                                  f"got {tuple(inputs.shape)}.")
             captions_in = inputs
-        h = self.dropout(self.hidden_states(features, captions_in))
-        if not return_scores:
-            return linear_temporal_softmax_loss(h, self.vocab_proj.weight, self.vocab_proj.bias, captions_out,
-                                                self.null_id, self.loss_normalize, weights, excluded, label_smoothing)
-        scores = self.vocab_proj(h)
-        loss = temporal_softmax_loss(scores, captions_out, self.null_id, self.loss_normalize, weights, excluded,
-                                     label_smoothing)
-        return loss, scores
+        return self.dropout(self.hidden_states(features, captions_in)), captions_out
+
+    def mask_never_emitted(self, scores: Tensor) -> Tensor:
+        """scores (..., V) with ``never_emitted`` at -inf (in place)."""
+        scores[..., list(self.never_emitted)] = float("-inf")
+        return scores
 
     # ---------------------------------------------------------------------------------------------
     # Decoding
@@ -219,6 +257,4 @@ class CaptioningRNN(nn.Module):
         else:
             h, c, weights = self.core.step(x, state.h, state.c, state.A)
             state = DecoderState(h=h, c=c, A=state.A, image=state.image)
-        scores = self.vocab_proj(state.h)
-        scores[:, [self.null_id, self.start_id]] = float("-inf")
-        return scores, state, weights
+        return self.mask_never_emitted(self.vocab_proj(state.h)), state, weights

@@ -17,8 +17,7 @@ from torch import Tensor
 
 from .captioner import CaptioningRNN, DecoderState
 
-__all__ = ["Decoded", "CaptionDecoder", "Guided", "step_decode", "greedy_decode", "beam_search", "sample_decode",
-           "sequence_log_probs"]
+__all__ = ["Decoded", "CaptionDecoder", "Guided", "step_decode", "greedy_decode", "beam_search", "sample_decode"]
 
 STRATEGIES = ("greedy", "beam", "sample")
 
@@ -32,22 +31,6 @@ class Decoded(NamedTuple):
 # (log-probabilities of the next word (N, V), the words just fed (N,)) -> (the words picked (N,), their
 # log-probabilities (N,))
 Picker = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-@torch.no_grad()
-def sequence_log_probs(model: CaptioningRNN, features: Tensor, captions: Tensor) -> Tensor:
-    """Teacher-forced log p(caption | image) under the decoders' distribution, summed up to ``<END>``.
-
-    features (N, ...), captions (N, L) without ``<START>`` as the decoders return them -> (N,).
-    """
-    N = captions.shape[0]
-    start = captions.new_full((N, 1), model.start_id)
-    h = model.hidden_states(features, torch.cat([start, captions[:, :-1]], dim=1))
-    scores = model.vocab_proj(h)
-    scores[..., [model.null_id, model.start_id]] = float("-inf")  # as in CaptioningRNN.step
-    log_probs = scores.log_softmax(dim=-1)
-    picked = log_probs.gather(-1, captions.unsqueeze(-1)).squeeze(-1)
-    return picked.masked_fill(captions == model.null_id, 0.0).sum(dim=1)
 
 
 @torch.no_grad()
