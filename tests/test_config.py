@@ -165,3 +165,65 @@ def test_small_cnn_pathways_auto_follows_the_decoder(tmp_path, model, pathways):
     forced = instantiate(compose_train(tmp_path, [f"model={model}", "encoder.pathways=true"]).module,
                          _recursive_=False)
     assert forced.encoder.pathways is True
+
+
+# A code default that differs from the shipped config's on purpose, and why. Every other default of the project's own
+# classes is the config's: a model built in Python is the model `python src/train.py` builds.
+DELIBERATE_DIFFERENCES = {
+    # keys added after checkpoints were saved without them: the code default is how those were trained
+    ("CaptioningRNN", "feature_pool"): "checkpoints from before the key were trained with the courses' mean pool",
+    ("CaptioningRNN", "image_input"): "checkpoints from before the key were trained with h0 as the only image input",
+    ("SmallCNN", "pathways"): "checkpoints from before the key have no pathway weights",
+    ("CrossEntropy", "image_dropout"): "checkpoints from before the key were trained on every image",
+    # a data set's own config says what its files hold
+    ("CocoCaptionsDataModule", "test_split"): "COCO 2017 has no test captions; Karpathy's split has one",
+    ("CocoCaptionsDataModule", "augmentation"): "the recipe is a mapping; None (= CaptionAugment's defaults) in code",
+    ("ShapesDataModule", "augmentation"): "the recipe is a mapping; None (= CaptionAugment's defaults) in code",
+}
+
+
+def _own_targets():
+    """(config file, dotted key, class, {key: value}) for every _target_ of the project's own classes."""
+    import importlib
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    def walk(node, where, file):
+        if isinstance(node, dict):
+            if isinstance(node.get("_target_"), str) and node["_target_"].startswith("captioning."):
+                module, _, name = node["_target_"].rpartition(".")
+                cls = getattr(importlib.import_module(module), name)
+                if inspect.isclass(cls) and getattr(cls.__init__, "__module__", "").startswith("captioning"):
+                    yield file, where, cls, node
+            for key, value in node.items():
+                yield from walk(value, f"{where}.{key}".lstrip("."), file)
+
+    for path in sorted(CONF.rglob("*.yaml")):
+        if path.parent.name in ("experiment", "debug", "hparams_search"):
+            continue  # recipes that change the defaults are what those groups are for
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        yield from walk(node, "", path.relative_to(CONF))
+
+
+def test_code_defaults_are_the_config_defaults():
+    import inspect
+
+    seen, differences = set(), []
+    for file, where, cls, node in _own_targets():
+        seen.add(cls.__name__)
+        for key, parameter in inspect.signature(cls).parameters.items():
+            if key not in node or parameter.default is inspect.Parameter.empty:
+                continue
+            value, default = node[key], parameter.default
+            if isinstance(value, str) and "${" in value:
+                continue  # interpolated from another group
+            if (cls.__name__, key) in DELIBERATE_DIFFERENCES:
+                assert value != (list(default) if isinstance(default, tuple) else default), (
+                    f"{cls.__name__}.{key} now equals the config: drop it from DELIBERATE_DIFFERENCES")
+                continue
+            if value != (list(default) if isinstance(default, tuple) else default):
+                differences.append(f"{file} {where}.{key}: config {value!r}, {cls.__name__} {default!r}")
+    assert {"CaptioningRNN", "CaptionDecoder", "SmallCNN", "CrossEntropy", "SelfCritical",
+            "ShapesDataModule", "CocoCaptionsDataModule"} <= seen
+    assert not differences, "\n".join(differences)

@@ -16,13 +16,16 @@ from typing import Any
 __all__ = ["read_json", "reachable", "write_json"]
 
 
-def read_json(path: str | os.PathLike, bad: Callable[[str], Exception]) -> Any:
+def read_json(path: str | os.PathLike, bad: Callable[[str], Exception] | None) -> Any:
     """The parsed JSON file at ``path``; a file that cannot be read or parsed raises ``bad(<what is wrong>)``,
-    the caller's error, which names the file and what to do."""
+    the caller's error, which names the file and what to do — or, with ``bad=None``, reads as None (a cache or
+    stamp file that is missing or half-written is simply not there)."""
     try:
         with Path(path).open("rb") as f:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        if bad is None:
+            return None
         raise bad(f"it is not readable JSON ({err})") from err
 
 

@@ -168,7 +168,7 @@ class WandbLogger(_LightningWandbLogger):
         notes: str | None = None,
         mode: str = "auto",
         save_dir: str = ".",
-        log_model: bool | str = False,
+        log_model: bool | str = True,
         config_file: str | None = None,
         output_dir: str | None = None,
         **kwargs: Any,

@@ -129,11 +129,11 @@ class SelfCritical(Objective):
     Args:
         num_samples: K, captions sampled per image.
         temperature: sampling temperature (1 = the model's distribution).
-        baseline: ``"greedy"`` (the greedy caption's reward) or ``"mean"`` (the mean reward of the image's
-            other K-1 samples; needs K >= 2).
+        baseline: ``"mean"`` (the mean reward of the image's other K-1 samples, Luo 2020; needs K >= 2; measured
+            better on the built-in set) or ``"greedy"`` (the greedy caption's reward, the paper's).
         xe_weight: weight of the cross-entropy loss added to the policy loss (0: none).
         max_length: the most words a sample has (``<END>`` included).
-        bad_endings: the words a caption should not end on.
+        bad_endings: the words a caption should not end on (None: ``BAD_ENDINGS``).
         bad_ending: ``"penalize"`` (subtract ``bad_ending_penalty`` from the reward of a sample whose last
             word is one of them), ``"forbid"`` (``<END>`` cannot follow such a word while sampling) or ``"none"``.
         bad_ending_penalty: the penalty for ``"penalize"``.
@@ -141,8 +141,8 @@ class SelfCritical(Objective):
         sigma: CIDEr-D's length-penalty width.
     """
 
-    def __init__(self, num_samples: int = 5, temperature: float = 1.0, baseline: str = "greedy",
-                 xe_weight: float = 0.0, max_length: int = 16, bad_endings: Sequence[str] = BAD_ENDINGS,
+    def __init__(self, num_samples: int = 5, temperature: float = 1.0, baseline: str = "mean",
+                 xe_weight: float = 0.0, max_length: int = 16, bad_endings: Sequence[str] | None = None,
                  bad_ending: str = "penalize", bad_ending_penalty: float = 1.0, max_rows: int = 4096,
                  sigma: float = 6.0) -> None:
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -160,6 +160,7 @@ class SelfCritical(Objective):
                 f"{temperature}, {xe_weight}, {max_length}, {max_rows}.")
         self.num_samples, self.temperature, self.baseline = num_samples, float(temperature), baseline
         self.xe_weight, self.max_length, self.max_rows = float(xe_weight), int(max_length), int(max_rows)
+        bad_endings = BAD_ENDINGS if bad_endings is None else bad_endings
         if not all(isinstance(w, str) for w in bad_endings):
             raise ValueError(f"objective.bad_endings must be words, got {list(bad_endings)!r} (quote on / no / yes in "
                              "YAML, which reads them as booleans).")

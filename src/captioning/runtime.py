@@ -64,10 +64,6 @@ class _Session:
         return [t.numpy() for t in (out if isinstance(out, tuple | list) else (out,))]
 
 
-def _log_softmax_scores(log_probs: np.ndarray) -> np.ndarray:
-    return log_probs.astype(np.float32, copy=False)
-
-
 class ExportedCaptioner:
     """An export folder, ready to caption images.
 
@@ -134,7 +130,7 @@ class ExportedCaptioner:
         image) - log p(w)), renormalised: ``captioning.models.decoding.Guided``."""
         fed = np.concatenate([words, words]) if self.guidance else words
         outputs = self.step_graph.run(["words", *self.state_names], {"words": fed.astype(np.int64), **state})
-        log_probs = _log_softmax_scores(outputs[0])
+        log_probs = outputs[0].astype(np.float32, copy=False)
         new_state = dict(state)
         new_state.update(zip(self.carried, outputs[1:1 + len(self.carried)], strict=True))
         weights = outputs[1 + len(self.carried)] if len(outputs) > 1 + len(self.carried) else None

@@ -41,7 +41,7 @@ __all__ = [
     "split_instance_categories",
 ]
 
-_INT64_MAX = 2**63 - 1
+INT64_MAX = 2**63 - 1  # image ids must fit the int64 tensors they travel in
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _bad_annotations(path: Path, problem: str) -> ValueError:
 
 
 def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and -_INT64_MAX <= value <= _INT64_MAX
+    return isinstance(value, int) and not isinstance(value, bool) and -INT64_MAX <= value <= INT64_MAX
 
 
 def check_root(root: Path, hint: str) -> None:

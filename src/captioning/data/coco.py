@@ -131,7 +131,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
     def __init__(self, root: str, year: str = "2017", train_split: str = "train", val_split: str = "val",
                  test_split: str | None = "test", image_size: int | str = "auto", max_length: int = 16,
                  min_word_count: int = 5, vocab_path: str | None = None, batch_size: int = 64,
-                 num_workers: int = 2, pin_memory: bool | str = "auto", persistent_workers: bool = True,
+                 num_workers: int = 4, pin_memory: bool | str = "auto", persistent_workers: bool = True,
                  augment: bool = True, augmentation: Mapping[str, Any] | None = None,
                  split_source: str = "official", karpathy_file: str | None = None,
                  restval: bool = True, on_bad_image: str = "skip", max_image_pixels: int | None = None,

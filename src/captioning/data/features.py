@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from captioning.data.images import BadImage
 from captioning.data.locking import file_lock
-from captioning.io import write_json
+from captioning.io import read_json, write_json
 
 __all__ = [
     "FEATURE_DTYPES",
@@ -87,15 +87,8 @@ def _write_json(path: Path, value: Any) -> None:
     write_json(path, value, indent=None)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _progress(directory: Path) -> dict[str, Any]:
-    state = _read_json(directory / PROGRESS_FILE)
+    state = read_json(directory / PROGRESS_FILE, None)
     return state if isinstance(state, dict) else {}
 
 
@@ -110,7 +103,7 @@ class FeatureStore:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         state = _progress(self.directory)
-        index = _read_json(self.directory / INDEX_FILE)
+        index = read_json(self.directory / INDEX_FILE, None)
         if not state.get("complete") or not isinstance(index, dict):
             raise RuntimeError(
                 f"The feature cache {self.directory} is not complete. It is built by the DataModule's "
@@ -202,10 +195,10 @@ def build_feature_store(
     with file_lock(directory / LOCK_FILE):
         if _progress(directory).get("complete"):
             return FeatureStore(directory)  # another process finished it while we waited
-        if _read_json(directory / KEY_FILE) != json.loads(json.dumps(key, default=str)):
+        if read_json(directory / KEY_FILE, None) != json.loads(json.dumps(key, default=str)):
             _write_json(directory / KEY_FILE, dict(key))
         index = {"image_ids": image_ids.tolist()}
-        if _read_json(directory / INDEX_FILE) != index:
+        if read_json(directory / INDEX_FILE, None) != index:
             _write_json(directory / INDEX_FILE, index)
             (directory / PROGRESS_FILE).unlink(missing_ok=True)  # rows of another image list: start over
         _build(directory, images, encoder, torch.device(device), batch_size, num_workers, dtype, chunk_rows,

@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioning.data.annotations import CaptionSplit, clean_split
+from captioning.data.annotations import INT64_MAX, CaptionSplit, clean_split
 from captioning.io import read_json
 
 __all__ = ["KARPATHY_SPLITS", "KarpathyImage", "karpathy_caption_split", "karpathy_split_names", "read_karpathy"]
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
-_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def read_karpathy(path: str | os.PathLike) -> list[KarpathyImage]:
         if not isinstance(entry, dict):
             raise _bad_file(path, f"{where} is a {type(entry).__name__}, not an object")
         image_id = entry.get("cocoid", entry.get("imgid"))
-        if isinstance(image_id, bool) or not isinstance(image_id, int) or not 0 <= image_id <= _INT64_MAX:
+        if isinstance(image_id, bool) or not isinstance(image_id, int) or not 0 <= image_id <= INT64_MAX:
             raise _bad_file(path, f"{where} has no integer 'cocoid' / 'imgid' (found {image_id!r})")
         if image_id in seen:
             raise _bad_file(path, f"{where} repeats image id {image_id}")

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 from captioning.data.coco import CocoCaptionsDataModule
 from captioning.data.holdout import Holdout
 from captioning.data.locking import file_lock
+from captioning.io import read_json
 
 # Bump whenever drawing or captions change, so existing sets on disk are regenerated.
 GENERATOR_VERSION = 1
@@ -422,10 +423,7 @@ def _swap_into_place(tmp: Path, root: Path) -> None:
 
 
 def _read_stamp(root: Path) -> dict[str, Any] | None:
-    try:
-        stamp = json.loads((root / STAMP_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    stamp = read_json(root / STAMP_FILE, None)
     return stamp if isinstance(stamp, dict) else None
 
 

@@ -7,7 +7,6 @@ Token ids are fixed (docs/architecture.md, "Contracts"): ``<NULL>`` = 0 (padding
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from captioning.io import write_json
+from captioning.io import read_json, write_json
 
 _NOT_WORD_CHARS = re.compile(r"[^a-z0-9 ]")
 
@@ -191,13 +190,8 @@ class Vocabulary:
                 f"Vocabulary file {path} does not exist. It is written by the DataModule's prepare_data() "
                 "from the training captions; run that first or point vocab_path at an existing file."
             )
-        try:
-            return json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"Vocabulary file {path} is not readable JSON ({err}). Delete it so prepare_data() "
-                "rebuilds it from the training captions."
-            ) from err
+        return read_json(path, lambda what: ValueError(
+            f"Vocabulary file {path}: {what}. Delete it so prepare_data() rebuilds it from the training captions."))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:

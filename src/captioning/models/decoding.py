@@ -239,8 +239,8 @@ class CaptionDecoder:
 
     def __init__(
         self,
-        strategy: str = "beam",
-        max_length: int = 16,
+        strategy: str = "greedy",
+        max_length: int = 20,
         beam_size: int = 1,
         length_penalty: float = 0.0,
         temperature: float = 1.0,

@@ -136,27 +136,18 @@ def attention_lstm_forward(
 
     h0 = c0 = the mean of A over its spatial positions.
     """
-    h, _ = _attention_lstm_scan(x, A, Wx, Wh, Wattn, b)
-    return h
-
-
-def _attention_lstm_scan(
-    x: Tensor, A: Tensor, Wx: Tensor, Wh: Tensor, Wattn: Tensor, b: Tensor
-) -> tuple[Tensor, Tensor]:
-    """attention_lstm_forward that also returns the attention weights (N, T, Dh, Dw)."""
     h = A.mean(dim=(2, 3))
     c = h
-    hs, weights = [], []
+    hs = []
     xw = _input_projection(x, Wx, b)
     # In-place addmm_ is not autocast: under bf16/fp16 autocast the gates are in the autocast dtype, so
     # Wattn is cast to it once here (a no-op without autocast).
     Wattn = Wattn.to(xw.dtype)
     for xw_t in xw.unbind(1):
-        attn, w = dot_product_attention(h, A)
+        attn, _ = dot_product_attention(h, A)
         h, c = _lstm_gates(torch.addmm(xw_t, h, Wh).addmm_(attn, Wattn), c)
         hs.append(h)
-        weights.append(w)
-    return torch.stack(hs, dim=1), torch.stack(weights, dim=1)
+    return torch.stack(hs, dim=1)
 
 
 class _Recurrent(nn.Module):
@@ -244,10 +235,6 @@ class AttentionLSTM(LSTM):
         """x (N, T, D), A (N, H, Dh, Dw) -> h (N, T, H)."""
         forward = attention_lstm_forward_manual if self.backward == "manual" else attention_lstm_forward
         return forward(x, A, self.Wx, self.Wh, self.Wattn, self.b)
-
-    def forward_with_weights(self, x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
-        """As forward, also returning the attention weights (N, T, Dh, Dw) (always through autograd)."""
-        return _attention_lstm_scan(x, A, self.Wx, self.Wh, self.Wattn, self.b)
 
     def step(  # type: ignore[override]
         self, x: Tensor, h: Tensor, c: Tensor, A: Tensor
