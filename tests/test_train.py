@@ -84,6 +84,22 @@ def test_progress_lines_in_a_log_file(tmp_path):
     assert "train/loss" in middle and "images/s" in middle and "epoch ETA" in middle and "fit ETA" in middle
     assert sum(line.startswith("validation after epoch") for line in lines) == 2
     assert not any("\x1b[" in line for line in lines)  # no terminal control codes in a log
+    # the run directory's train.log, which is what people open on a cluster, has the same lines and the report
+    (run,) = run_dirs(tmp_path)
+    written = (run / "train.log").read_text()
+    assert "step 5/20 (25%)" in written and written.count("validation after epoch") == 2
+    assert "Trainable params" in written and "blind baseline caption" in written and "generalisation gap" in written
+    assert "FLOPs" not in written and "FLOPs" not in log.read_text()  # Lightning counts none for a captioner
+    for line in steps:  # the rest of the fit is never shorter than the rest of the epoch
+        if "epoch ETA" in line:
+            eta = {k: v for k, v in (part.rsplit(" ", 1) for part in line.split("  ") if "ETA" in part)}
+            seconds = {k: sum(int(x) * 60**i for i, x in enumerate(reversed(v.split(":")))) for k, v in eta.items()}
+            assert seconds["fit ETA"] >= seconds["epoch ETA"], line
+    # files a run writes are readable like any other the user's umask allows (mkstemp's are 0600)
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_last_checkpoint_is_the_newest_even_without_improvement(tmp_path):
@@ -161,3 +177,37 @@ def test_the_gap_line_says_when_validation_is_much_worse():
     far = RunReport.gap_line({"images": 500, "bleu4": 0.95, "grounding/precision": 0.97,
                               "grounding/chair_i": 0.01}, {**final, "val/grounding/chair_i": 0.2})
     assert "validation is much worse than training on bleu4, grounding/chair_i" in far
+
+
+def test_beside_a_terminal_bar_the_progress_lines_go_to_the_log_file(tmp_path):
+    """In a terminal the rich bar draws; the run's log file still gets the plain lines (and the ETAs agree)."""
+    import io
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from captioning.progress import RichProgressBarWithLog, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = progress_bar(every_n_steps=4, every_seconds=0, stream=Terminal())
+    assert isinstance(bar, RichProgressBarWithLog)
+    handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        L.Trainer(max_steps=10, limit_val_batches=2, val_check_interval=5, callbacks=[bar], logger=False, enable_checkpointing=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).fit(BoringModel())
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    written = (tmp_path / "train.log").read_text().splitlines()
+    steps = [line for line in written if line.startswith("epoch 1") and " step " in line]
+    assert [line.split("  ")[1] for line in steps][:2] == ["step 4/10 (40%)", "step 8/10 (80%)"]
+    assert any(line.startswith("validation after epoch 1") for line in written)
+    # max_steps=10 ends the fit inside the first epoch of 64 batches: the epoch is 10 batches, its rest the fit's
+    for line in steps[:2]:
+        parts = dict(part.rsplit(" ", 1) for part in line.split("  ") if "ETA" in part)
+        assert parts["fit ETA"] >= parts["epoch ETA"], line

@@ -14,9 +14,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, RichModelSummary
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -27,6 +28,7 @@ from .io import write_json
 from .loggers import find_wandb_logger
 from .metrics import CaptionScorer, corpus_bleu, tokenize
 from .module import grounding_scorer
+from .progress import to_log_file
 from .visualize import attention_overlay
 
 __all__ = ["EMA", "RunReport", "best_constant_caption", "Throughput", "WandbSummary", "WandbCaptionSamples"]
@@ -187,7 +189,7 @@ class RunReport(L.Callback):
 
     def _print(self, references: dict[int, list[str]], predictions: dict[int, str],
                verdicts: dict[int, str]) -> None:
-        console = Console()
+        console = Console(record=True)
         final, best, blind = self.report["final"], self.report["best"], self.report["blind_baseline"]
         table = Table(title="Validation: model vs blind baseline (best constant caption)")
         for column in ("metric", "final", "best", "blind baseline"):
@@ -216,6 +218,41 @@ class RunReport(L.Callback):
             samples.add_row(str(image_id), predictions[image_id], *verdict, references[image_id][0])
         console.print(samples)
         console.print(f"metrics written to {self.path}")
+        to_log_file(console.export_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model summary
+# ---------------------------------------------------------------------------------------------------------
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary, in the run's log file too, without a FLOPs column that says 0: Lightning
+    counts FLOPs only for a module with an ``example_input_array``, and a captioner's forward is a decoding loop
+    whose cost depends on the captions it decodes."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        console = Console(record=True)
+        columns = [(name, values) for name, values in summary_data if total_flops or name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name if name else " ", justify="right" if name in ("Params", "FLOPs") else "left")
+        for row in zip(*(values for _, values in columns), strict=True):
+            table.add_row(*row)
+        console.print(table)
+        lines = [
+            f"Trainable params: {get_human_readable_count(int(trainable_parameters))}",
+            f"Non-trainable params: {get_human_readable_count(int(total_parameters - trainable_parameters))}",
+            f"Total params: {get_human_readable_count(int(total_parameters))}",
+            f"Total estimated model params size (MB): {get_formatted_model_size(model_size)}",
+            f"Modules in train mode: {total_training_modes['train']}",
+            f"Modules in eval mode: {total_training_modes['eval']}",
+        ]
+        if total_flops:
+            lines.append(f"Total FLOPs: {get_human_readable_count(total_flops)}")
+        console.print("\n".join(lines))
+        to_log_file(console.export_text())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from .progress import to_log_file
+
 __all__ = ["METRIC_ORDER", "checkpoint_data_config", "command_line_data_group", "command_line_data_keys",
            "data_from_checkpoint", "merge_data_config", "print_table"]
 
@@ -110,7 +112,9 @@ def print_table(fast: Mapping[str, float], official: Mapping[str, float] | None,
     # grounded in the image: computed by the validation code only
     for name, value in (grounding or {}).items():
         table.add_row(f"grounding/{name}", f"{value:.4f}", "-")
-    Console().print(table)
+    console = Console(record=True)
+    console.print(table)
+    to_log_file(console.export_text())
 
 
 def checkpoint_data_config(cfg: DictConfig, saved: Mapping[str, Any], source: str) -> None:

@@ -29,15 +29,30 @@ def read_json(path: str | os.PathLike, bad: Callable[[str], Exception] | None) -
         raise bad(f"it is not readable JSON ({err})") from err
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; mkstemp's own files are 0600
+
+
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:
     """Write ``value`` as JSON atomically: a crash (or another process reading) sees the old file or the
-    new one, never half of one. The folder is created if needed."""
+    new one, never half of one. The folder is created if needed; the file gets the mode a plain ``open`` would
+    give it (the umask's), or keeps the one it had."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(value, f, indent=indent)
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except OSError:
+            mode = _FILE_MODE
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,10 +6,14 @@ keeps the rich bar in a terminal and otherwise uses :class:`LogProgressBar`, whi
 ``every_n_steps`` batches or ``every_seconds`` seconds, whichever comes first::
 
     epoch 3/10  step 120/313 (38%)  train/loss 24.12  412 images/s  epoch ETA 0:00:28  fit ETA 0:05:02
+
+The same lines go to the run's log file (Hydra's ``train.log``) in both cases, which is what people open on a
+cluster: :func:`to_log_file` writes to the root logger's file handlers without echoing on the console.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -19,15 +23,28 @@ from typing import Any, TextIO
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-__all__ = ["LogProgressBar", "progress_bar"]
+__all__ = ["LogProgressBar", "RichProgressBarWithLog", "progress_bar", "to_log_file"]
+
+
+def to_log_file(text: str, name: str = "captioning") -> None:
+    """Write ``text`` to the log files of the root logger (Hydra's ``<task>.log`` in the run directory) as an INFO
+    record, without printing it on the console; nothing when no file is configured (a plain ``python -c``)."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not handlers:
+        return
+    record = logging.LogRecord(name, logging.INFO, __file__, 0, text.rstrip("\n"), None, None)
+    for handler in handlers:
+        handler.handle(record)
 
 
 def progress_bar(every_n_steps: int = 50, every_seconds: float = 30.0, stream: TextIO | None = None,
                  **rich_kwargs: Any) -> ProgressBar:
-    """Lightning's ``RichProgressBar`` when ``stream`` (stdout) is a terminal, else a :class:`LogProgressBar`."""
+    """Lightning's rich bar when ``stream`` (stdout) is a terminal, else a :class:`LogProgressBar`; the plain lines
+    go to the run's log file either way."""
     stream = stream if stream is not None else sys.stdout
     if getattr(stream, "isatty", lambda: False)():
-        return RichProgressBar(**rich_kwargs)
+        return RichProgressBarWithLog(LogProgressBar(every_n_steps, every_seconds, stream, console=False),
+                                      **rich_kwargs)
     return LogProgressBar(every_n_steps, every_seconds, stream)
 
 
@@ -45,15 +62,17 @@ class LogProgressBar(ProgressBar):
         every_n_steps: at most this many batches between lines (0: no step limit).
         every_seconds: at most this many seconds between lines (0: no time limit).
         stream: where lines go (stdout).
+        console: print them on ``stream`` (False: only to the run's log file, beside a rich bar).
     """
 
-    def __init__(self, every_n_steps: int = 50, every_seconds: float = 30.0, stream: TextIO | None = None) -> None:
+    def __init__(self, every_n_steps: int = 50, every_seconds: float = 30.0, stream: TextIO | None = None,
+                 console: bool = True) -> None:
         super().__init__()
         if every_n_steps < 0 or every_seconds < 0 or (every_n_steps == 0 and every_seconds == 0):
             raise ValueError(f"LogProgressBar: every_n_steps ({every_n_steps}) and every_seconds ({every_seconds}) "
                              "must be >= 0 and not both 0.")
         self.every_n_steps, self.every_seconds = every_n_steps, every_seconds
-        self.stream = stream
+        self.stream, self.console = stream, console
         self._enabled = True
         self._epoch_start = self._last_line = self._fit_start = 0.0
         self._last_batch = 0
@@ -72,7 +91,9 @@ class LogProgressBar(ProgressBar):
 
     def _write(self, trainer: L.Trainer, text: str) -> None:
         if self._enabled and trainer.is_global_zero:
-            self.print(text)
+            if self.console:
+                self.print(text)
+            to_log_file(text)
 
     # -------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -81,6 +102,8 @@ class LogProgressBar(ProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._last_line = time.perf_counter()
         self._last_batch, self._images = 0, 0
+        # Lightning's total shrinks with every step of a max_steps run (the steps left): fixed per epoch here
+        self._epoch_total = self.total_train_batches
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -97,12 +120,12 @@ class LogProgressBar(ProgressBar):
         self._line(trainer, pl_module, self._last_batch_total(trainer), time.perf_counter(), end=True)
 
     def _last_batch_total(self, trainer: L.Trainer) -> int:
-        total = self.total_train_batches
+        total = self._epoch_total
         return int(total) if math.isfinite(total) else self._last_batch
 
     def _line(self, trainer: L.Trainer, pl_module: L.LightningModule, done: int, now: float,
               end: bool = False) -> None:
-        total = self.total_train_batches
+        total = self._epoch_total
         elapsed = max(now - self._epoch_start, 1e-9)
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         parts = [f"epoch {trainer.current_epoch + 1}{epochs}"]
@@ -115,26 +138,30 @@ class LogProgressBar(ProgressBar):
         if self._images:
             parts.append(f"{self._images / elapsed:.0f} images/s")
         per_batch = elapsed / max(done, 1)
+        fit_left = self._fit_batches_left(trainer, done)
+        epoch_eta = None
         if math.isfinite(total) and not end:
-            parts.append(f"epoch ETA {_duration((total - done) * per_batch)}")
-        fit_total = self._fit_batches(trainer)
-        if fit_total is not None:
-            fit_per_batch = (now - self._fit_start) / max(self._steps_done, 1)
-            remaining = fit_total - (trainer.current_epoch * (total if math.isfinite(total) else 0) + done)
-            parts.append(f"fit ETA {_duration(max(remaining, 0) * fit_per_batch)}")
+            # a fit that stops mid-epoch (max_steps) ends this epoch early too
+            epoch_eta = (total - done if fit_left is None else min(total - done, fit_left)) * per_batch
+            parts.append(f"epoch ETA {_duration(epoch_eta)}")
+        if fit_left is not None:
+            # the whole fit's rate includes validation; the rest of the fit is never shorter than the epoch's rest
+            fit_eta = fit_left * (now - self._fit_start) / max(self._steps_done, 1)
+            parts.append(f"fit ETA {_duration(max(fit_eta, epoch_eta or 0.0))}")
         if end:
             parts.append(f"epoch done in {_duration(elapsed)}")
         self._write(trainer, "  ".join(parts))
         self._last_batch, self._last_line = done, now
 
-    def _fit_batches(self, trainer: L.Trainer) -> float | None:
-        """Training batches of the whole fit (None when unbounded or unknown)."""
-        total = self.total_train_batches
+    def _fit_batches_left(self, trainer: L.Trainer, done: int) -> float | None:
+        """Training batches left in the whole fit after ``done`` of this epoch (None when unbounded or unknown)."""
+        per_epoch = trainer.num_training_batches
+        left = []
         if trainer.max_steps and trainer.max_steps > 0:
-            return float(trainer.max_steps * trainer.accumulate_grad_batches)
-        if trainer.max_epochs and trainer.max_epochs > 0 and math.isfinite(total):
-            return float(trainer.max_epochs * total)
-        return None
+            left.append((trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches)
+        if trainer.max_epochs and trainer.max_epochs > 0 and math.isfinite(per_epoch):
+            left.append((trainer.max_epochs - trainer.current_epoch) * per_epoch - done)
+        return float(max(min(left), 0)) if left else None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -146,3 +173,42 @@ class LogProgressBar(ProgressBar):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         self._write(trainer, "test: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+
+
+class RichProgressBarWithLog(RichProgressBar):
+    """Lightning's rich bar in the terminal, with ``lines`` (a :class:`LogProgressBar` with ``console=False``)
+    writing the plain progress lines to the run's log file beside it."""
+
+
+    def __init__(self, lines: LogProgressBar, **rich_kwargs: Any) -> None:
+        super().__init__(**rich_kwargs)
+        self.lines = lines
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.lines.setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.lines.on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.lines.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.lines.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.lines.on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.lines.on_validation_end(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_test_end(trainer, pl_module)
+        self.lines.on_test_end(trainer, pl_module)
