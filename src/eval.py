@@ -67,7 +67,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     if not trainer.is_global_zero:
         return None  # rank 0 holds every rank's captions (gathered by the module): it alone writes and scores
 
-    predictions: dict[int, str] = module.predictions.get(cfg.split, {})
+    result = module.results[cfg.split]
+    predictions = result.predictions
     references = datamodule.references(cfg.split)
     if not predictions:
         raise RuntimeError(
@@ -81,10 +82,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
             len(predictions), len(references), cfg.split,
         )
     # scored once, by the module, from the gathered captions (what validation logs every epoch)
-    scores = module.scores[cfg.split]
-    seconds["fast_metrics"] = module.score_seconds[cfg.split]
-    fast = {k: v for k, v in scores.items() if not k.startswith("grounding/")}
-    grounding = {k.removeprefix("grounding/"): v for k, v in scores.items() if k.startswith("grounding/")}
+    seconds["fast_metrics"] = result.seconds
+    fast, grounding = result.metrics, result.grounding
     loss = (results[0] if results else {}).get(f"{cfg.split}/loss")
 
     write_json(

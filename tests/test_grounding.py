@@ -142,3 +142,27 @@ def test_every_reference_of_a_drawn_set_is_true(tmp_path):
 def test_unknown_image_is_a_clear_error():
     with pytest.raises(ValueError, match="no scene for image ids"):
         GroundingScorer({1: ONE_WHITE_TRIANGLE})({2: "a circle"})
+
+
+def test_a_stage_result_scores_captions_and_grounds_only_the_images_it_knows():
+    from captioning.chair import CocoChair
+    from captioning.metrics import CaptionScorer, GroundedScorer, StageResult
+
+    scenes = GroundingScorer({1: ONE_WHITE_TRIANGLE, 2: TWO_SIDE_BY_SIDE})
+    assert isinstance(scenes, GroundedScorer) and isinstance(CocoChair({1: {"dog"}}), GroundedScorer)
+    references = {1: ["a small white triangle at the bottom"], 2: ["a red circle and a blue square"],
+                  3: ["an image nobody drew"]}
+    result = StageResult("val", CaptionScorer(references), scenes)
+    captions = {1: "a small white triangle at the bottom", 2: "a red star", 3: "an image nobody drew"}
+    result.score(captions)
+    assert result.predictions == captions and set(result.metrics) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
+    # image 3 has no scene: the grounded numbers are those of images 1 and 2 alone
+    assert result.grounding == scenes({1: captions[1], 2: captions[2]})
+    assert result.grounding["precision"] == pytest.approx(1 / 2)
+    assert result.logged["grounding/precision"] == result.grounding["precision"]
+    assert result.logged["bleu4"] == result.metrics["bleu4"] and result.seconds > 0
+    verdicts = result.verdicts(captions)
+    assert set(verdicts) == {1, 2} and verdicts[1].correct and not verdicts[2].correct
+    plain = StageResult("val", CaptionScorer(references))  # data without a grounded metric
+    plain.score(captions)
+    assert plain.grounding == {} and plain.verdicts(captions) == {} and "grounding/precision" not in plain.logged

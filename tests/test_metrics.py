@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from captioning import metrics
 from captioning.metrics import (
     CaptionScorer,
     CiderD,
@@ -22,6 +21,7 @@ from captioning.metrics import (
     coco_caption_eval,
     coco_caption_eval_detailed,
     corpus_bleu,
+    official,
     tokenize,
 )
 
@@ -351,7 +351,7 @@ def test_coco_caption_eval_explains_what_is_missing(monkeypatch):
     references, predictions = {1: ["a dog"]}, {1: "a dog"}
     with pytest.raises(ValueError, match="no reference captions"):
         coco_caption_eval({2: "a dog"}, references)
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(official.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="no `java` is on PATH"):
         coco_caption_eval(predictions, references)
 
@@ -360,9 +360,9 @@ def test_spice_without_its_models_says_where_to_put_them(monkeypatch):
     import os
 
     real_isfile = os.path.isfile
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(official.shutil, "which", lambda name: "/usr/bin/java")
     monkeypatch.setattr(
-        metrics.os.path, "isfile", lambda path: False if "stanford-corenlp" in str(path) else real_isfile(path)
+        official.os.path, "isfile", lambda path: False if "stanford-corenlp" in str(path) else real_isfile(path)
     )
     with pytest.raises(FileNotFoundError, match=r"stanford-corenlp-3\.6\.0-models\.jar.*spice/lib"):
         coco_caption_eval({1: "a dog"}, {1: ["a dog"]}, spice=True)

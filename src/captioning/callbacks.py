@@ -26,8 +26,8 @@ from torch.optim.swa_utils import AveragedModel
 from .data.images import load_image
 from .io import write_json
 from .loggers import find_wandb_logger
-from .metrics import CaptionScorer, corpus_bleu, tokenize
-from .module import grounding_scorer
+from .metrics import CaptionScorer, StageResult, corpus_bleu, tokenize
+from .module import CaptioningModule, grounding_scorer
 from .progress import to_log_file
 from .visualize import attention_overlay
 
@@ -121,23 +121,19 @@ class RunReport(L.Callback):
         if not trainer.is_global_zero or not self.history:
             return
         self.report.update(final=self.history[-1], best=self.best(), epochs=self.history)
-        datamodule, scorer = trainer.datamodule, getattr(pl_module, "scorers", {}).get("val")
-        predictions = getattr(pl_module, "predictions", {}).get("val", {})
-        if datamodule is not None and scorer is not None and predictions:
+        datamodule, result = trainer.datamodule, _results(pl_module, "val")
+        predictions = result.predictions if result is not None else {}
+        if datamodule is not None and predictions:
             train_captions = [c for refs in datamodule.references("train").values() for c in refs]
             caption, scores = best_constant_caption(
-                train_captions, scorer, sorted(predictions), self.baseline_candidates)
+                train_captions, result.scorer, sorted(predictions), self.baseline_candidates)
             # the blind caption checked against the images too: what naming the commonest things scores
-            scores.update(pl_module.grounding_scores("val", {i: caption for i in predictions}))
+            blind = result.ground({i: caption for i in predictions})
+            scores.update({f"grounding/{k}": v for k, v in blind.items()})
             self.report["blind_baseline"] = {"caption": caption, **scores}
             self.report["distinct_val_captions"] = len(set(predictions.values()))
             self.report["val_images"] = len(predictions)
-            grounding = getattr(pl_module, "grounding", {}).get("val")
-            verdicts = {}
-            if grounding is not None:
-                ids = grounding.image_ids
-                details = grounding.details({i: c for i, c in predictions.items() if i in ids})
-                verdicts = {i: d.summary() for i, d in details.items()}
+            verdicts = {i: d.summary() for i, d in result.verdicts(predictions).items()}
             if self.train_samples and hasattr(datamodule, "sample_loader"):
                 self.report["train_subset"] = self._score_training_images(datamodule, pl_module)
             self._print(datamodule.references("val"), predictions, verdicts)
@@ -219,6 +215,11 @@ class RunReport(L.Callback):
         console.print(samples)
         console.print(f"metrics written to {self.path}")
         to_log_file(console.export_text())
+
+
+def _results(pl_module: L.LightningModule, split: str) -> StageResult | None:
+    """The captioner's last pass over ``split`` (None before the split was set up, or for another module)."""
+    return pl_module.results.get(split) if isinstance(pl_module, CaptioningModule) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -497,15 +498,12 @@ class WandbCaptionSamples(L.Callback):
         if not self._samples:
             return
         decoded = self._decode(trainer, pl_module, self._samples)
-        predictions = getattr(pl_module, "predictions", {}).get("val", {})
+        result = _results(pl_module, "val")
+        predictions = result.predictions if result is not None else {}
         with_attention = decoded.attn_weights is not None and self.attention_images > 0
         captions = {s["image_id"]: predictions.get(s["image_id"], pl_module.caption_text(decoded.captions[k]))
                     for k, s in enumerate(self._samples)}
-        grounding = getattr(pl_module, "grounding", {}).get("val")
-        verdicts = {}
-        if grounding is not None:
-            ids = grounding.image_ids
-            verdicts = grounding.details({i: c for i, c in captions.items() if i in ids})
+        verdicts = result.verdicts(captions) if result is not None else {}
         columns = ["epoch", "image_id", "image", "caption", "references", "bleu4"]
         if verdicts:
             columns += ["true", "grounding"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from .chair import CocoChair
 from .checkpointing import check_format, read_checkpoint, stamp
 from .data.vocab import Vocabulary
 from .grounding import GroundingScorer
-from .metrics import CaptionScorer, DecodedCaptions
+from .metrics import CaptionScorer, DecodedCaptions, GroundedScorer, StageResult
 from .models import CaptioningRNN
 from .models.decoding import CaptionDecoder, Decoded
 from .objectives import Objective
@@ -121,13 +120,9 @@ class CaptioningModule(L.LightningModule):
         self.vocab: Vocabulary | None = None
         self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
         self.objective: Objective = instantiate(self.hparams.get("objective") or DEFAULT_OBJECTIVE)
-        self.scorers: dict[str, CaptionScorer] = {}
-        # where the data knows what each image shows (the built-in set's scenes, COCO's instance annotations):
-        # captions checked against it
-        self.grounding: dict[str, GroundingScorer | CocoChair] = {}
-        self.predictions: dict[str, dict[int, str]] = {}
-        self.scores: dict[str, dict[str, float]] = {}  # the last validation's / test's metrics
-        self.score_seconds: dict[str, float] = {}
+        # per split: its scorers (BLEU/CIDEr-D, and the grounded metric where the data knows what each image
+        # shows) and the last pass's captions and numbers
+        self.results: dict[str, StageResult] = {}
         if vocab is not None:
             self._build_decoder(list(vocab))
 
@@ -179,11 +174,9 @@ class CaptioningModule(L.LightningModule):
             self.objective.setup(datamodule, self.trainer)
         # the test split only when testing: COCO 2017 (and the official 2014 layout) has none to fit with
         for split, stages in (("val", ("fit", "validate")), ("test", ("test",))):
-            if stage in stages and split not in self.scorers:
-                self.scorers[split] = CaptionScorer(datamodule.references(split))
-                grounding = grounding_scorer(datamodule, split)
-                if grounding is not None:
-                    self.grounding[split] = grounding
+            if stage in stages and split not in self.results:
+                self.results[split] = StageResult(split, CaptionScorer(datamodule.references(split)),
+                                                  grounding_scorer(datamodule, split))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)
@@ -323,27 +316,16 @@ class CaptioningModule(L.LightningModule):
         decoded = self.collectors[stage].compute()
         self.collectors[stage].reset()
         predictions = {image_id: self.caption_text(ids) for image_id, ids in decoded.items()}
-        self.predictions[stage] = predictions
+        result = self.results[stage]
+        result.predictions = predictions
         if not predictions or self.trainer.sanity_checking:
             return
-        tic = time.perf_counter()
-        scores = self.scorers[stage](predictions)
-        scores.update(self.grounding_scores(stage, predictions))
         # kept as computed (float64): eval.py reports these, so the captions are scored once
-        self.scores[stage], self.score_seconds[stage] = scores, time.perf_counter() - tic
-        for name, value in scores.items():
+        result.score(predictions)
+        for name, value in result.logged.items():
             # Equal on every rank already (computed from the gathered captions): syncing averages equal numbers.
             self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider", "grounding/precision"),
                      sync_dist=True)
-
-    def grounding_scores(self, stage: str, predictions: Mapping[int, str]) -> dict[str, float]:
-        """``grounding/<metric>`` of the captions of the images whose truth the data knows; {} if none."""
-        scorer = self.grounding.get(stage)
-        if scorer is None:
-            return {}
-        ids = scorer.image_ids
-        known = {i: c for i, c in predictions.items() if i in ids}
-        return {f"grounding/{k}": v for k, v in scorer(known).items()} if known else {}
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -401,7 +383,7 @@ def _running_stats(module: nn.Module) -> list[Tensor]:
             for stat in (m.running_mean, m.running_var, m.num_batches_tracked) if stat is not None]
 
 
-def grounding_scorer(datamodule: Any, split: str) -> GroundingScorer | CocoChair | None:
+def grounding_scorer(datamodule: Any, split: str) -> GroundedScorer | None:
     """The grounded metric the data allows: the built-in set's scenes, else COCO instance annotations."""
     scenes = datamodule.scenes(split) if hasattr(datamodule, "scenes") else {}
     if scenes:
