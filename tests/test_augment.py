@@ -1,6 +1,7 @@
 """Caption-aware augmentation (data.augment): flips swap left and right in the captions, jitter and photometry
 never make a reference false, and the DataModule augments training batches only."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -130,7 +131,8 @@ def test_the_datamodule_augments_training_batches_only(shapes):
     class Trainer:
         training = True
 
-    shapes.augment, shapes.augmentation = True, CaptionAugment(flip=1.0, **STILL)
+    shapes.images = dataclasses.replace(shapes.images, augment=True)
+    shapes.augmentation = CaptionAugment(flip=1.0, **STILL)
     shapes.setup("fit")  # binds the vocabulary
     batch = next(iter(shapes.val_dataloader()))
     shapes.trainer = Trainer()

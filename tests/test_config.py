@@ -212,10 +212,13 @@ def test_code_defaults_are_the_config_defaults():
     seen, differences = set(), []
     for file, where, cls, node in _own_targets():
         seen.add(cls.__name__)
-        for key, parameter in inspect.signature(cls).parameters.items():
-            if key not in node or parameter.default is inspect.Parameter.empty:
+        # a DataModule's shared options are not in its signature (**options): its arguments() lists them
+        defaults = cls.arguments() if hasattr(cls, "arguments") else {
+            key: p.default for key, p in inspect.signature(cls).parameters.items()}
+        for key, default in defaults.items():
+            if key not in node or default is inspect.Parameter.empty:
                 continue
-            value, default = node[key], parameter.default
+            value = node[key]
             if isinstance(value, str) and "${" in value:
                 continue  # interpolated from another group
             if (cls.__name__, key) in DELIBERATE_DIFFERENCES:

@@ -435,13 +435,54 @@ def test_coco_karpathy_config_instantiates(tmp_path):
     assert len(dm.datasets["test"]) == 1
 
 
-def test_loader_arguments_are_constructor_arguments():
-    """eval.py takes these from its own config, the others from the checkpoint: the list must name real ones."""
-    import inspect
+def test_the_shared_options_are_one_list_every_source_takes():
+    """A source takes its own arguments and the shared options (captioning.data.options): eval.py reads the
+    loading ones from its own config and the rest from the checkpoint, so both lists must be the real ones."""
+    from omegaconf import OmegaConf
+
+    from captioning.data.options import option_names
 
     for cls in (CocoCaptionsDataModule, ShapesDataModule):
-        params = set(inspect.signature(cls.__init__).parameters)
-        assert set(cls.LOADER_ARGUMENTS) <= params, set(cls.LOADER_ARGUMENTS) - params
+        arguments = cls.arguments()
+        assert set(cls.loading_arguments()) < set(arguments) and set(option_names()) <= set(arguments)
+        assert "min_word_count" not in cls.loading_arguments() and "batch_size" in cls.loading_arguments()
+    assert ShapesDataModule.arguments()["min_word_count"] == 1 and CocoCaptionsDataModule.arguments()[
+        "min_word_count"] == 5
+    # every key the data configs set is an argument of their DataModule
+    conf = Path(__file__).resolve().parents[1] / "conf" / "data"
+    for path in conf.glob("*.yaml"):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        target = node.get("_target_") or "captioning.data.coco.CocoCaptionsDataModule"
+        cls = ShapesDataModule if target.endswith("ShapesDataModule") else CocoCaptionsDataModule
+        assert set(node) - {"_target_", "defaults"} <= set(cls.arguments()), path.name
+    # the shared config file is the options' code defaults (the augmentation recipe apart: None in code)
+    from captioning.data.options import option_defaults
+
+    shared = OmegaConf.to_container(OmegaConf.load(conf / "common" / "options.yaml"))
+    assert set(shared) == set(option_names())
+    assert {k: v for k, v in shared.items() if k != "augmentation"} == {
+        k: v for k, v in option_defaults().items() if k != "augmentation"}
+    with pytest.raises(TypeError, match=r"data\.batchsize is not an option of ShapesDataModule"):
+        ShapesDataModule(root="unused", batchsize=8)
+    with pytest.raises(ValueError, match=r"data\.min_word_count must be an integer >= 1"):
+        CocoCaptionsDataModule(root="unused", min_word_count=0)
+
+
+def test_a_new_source_needs_only_its_own_arguments(tmp_path):
+    """A data source subclass lists what is its own; the options pass through and are saved once."""
+
+    class Folder(CocoCaptionsDataModule):
+        OPTION_DEFAULTS = {"batch_size": 8}
+
+        def __init__(self, root: str, caption_file: str = "captions.csv", **options):
+            super().__init__(root=root, **options)
+            self.caption_file = caption_file
+            self.hparams.update(caption_file=caption_file)
+
+    folder = Folder(str(tmp_path), num_workers=0, augment=False)
+    assert (folder.loader.batch_size, folder.loader.num_workers, folder.images.augment) == (8, 0, False)
+    assert folder.hparams["caption_file"] == "captions.csv" and folder.hparams["batch_size"] == 8
+    assert Folder.arguments()["caption_file"] == "captions.csv" and Folder.arguments()["batch_size"] == 8
 
 
 @pytest.mark.parametrize("augment", [False, True])

@@ -270,7 +270,7 @@ def test_cache_needs_a_frozen_encoder(tiny_shapes_root, tmp_path):
     trainable = nn.Conv2d(3, 3, 4, stride=4)
     with pytest.raises(ValueError, match="encoder.freeze=true"):
         dm.use_encoder(trainable)
-    assert not make_dm(tiny_shapes_root, tmp_path, augment=True).augment  # cached features: nothing to augment
+    assert not make_dm(tiny_shapes_root, tmp_path, augment=True).images.augment  # cached features: nothing to augment
     plain = make_dm(tiny_shapes_root, tmp_path, feature_cache=False)
     plain.use_encoder(trainable)  # nothing to cache: fine
     plain.prepare_data()

@@ -3,7 +3,7 @@
 The checkpoint records its DataModule's class and arguments (``datamodule_target`` and Lightning's
 ``datamodule_hyper_parameters``). :func:`checkpoint_data_config` rebuilds the data config from them, so a
 checkpoint alone is enough to evaluate it; the arguments given on the command line (``data.root=`` where the
-data moved) and the DataModule's ``LOADER_ARGUMENTS`` (batch size, workers...) stay the eval config's.
+data moved) and the DataModule's ``loading_arguments()`` (batch size, workers...) stay the eval config's.
 """
 
 from __future__ import annotations
@@ -64,13 +64,23 @@ def data_from_checkpoint(data: DictConfig, saved: Mapping[str, Any], explicit: s
     return rebuilt
 
 
+def _arguments(target: str) -> dict[str, Any]:
+    """The DataModule's constructor arguments and their defaults, its shared options included (``arguments()``)."""
+    cls = get_class(target)
+    if hasattr(cls, "arguments"):
+        return cls.arguments()
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 def _parameters(target: str) -> list[str]:
-    return [p for p in inspect.signature(get_class(target).__init__).parameters if p != "self"]
+    return list(_arguments(target))
 
 
 def _loader_arguments(target: str) -> set[str]:
-    """The DataModule's own list of arguments that say how to load (``LOADER_ARGUMENTS``), not what."""
-    return set(getattr(get_class(target), "LOADER_ARGUMENTS", ()))
+    """The DataModule's arguments that say how to load (``loading_arguments()``), not what the data is."""
+    cls = get_class(target)
+    return set(cls.loading_arguments()) if hasattr(cls, "loading_arguments") else set()
 
 
 def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[str], group: str) -> list[str]:
@@ -84,7 +94,7 @@ def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[
     wanted = [p for p in params if p not in loader and p not in explicit]
     # arguments newer than the checkpoint: it was trained as their default says
     added = set(getattr(get_class(data._target_), "ADDED_ARGUMENTS", ()))
-    defaults = {k: v.default for k, v in inspect.signature(get_class(data._target_).__init__).parameters.items()}
+    defaults = _arguments(data._target_)
     saved = {**{k: defaults[k] for k in added if k not in saved and k in defaults}, **saved}
     missing = [p for p in wanted if p not in saved]
     if missing:

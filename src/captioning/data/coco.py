@@ -16,10 +16,11 @@ batches carry the encoder's cached ``features`` instead of ``images`` (see :mod:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -49,9 +49,15 @@ from captioning.data.datasets import (
     TransformedImages,
     decoded_megabytes,
 )
-from captioning.data.features import FEATURE_DTYPES, FeatureCache, FeatureStore
-from captioning.data.images import ON_BAD_IMAGE, BadImageLog
+from captioning.data.features import FeatureCache, FeatureStore
+from captioning.data.images import BadImageLog
 from captioning.data.karpathy import karpathy_caption_split, read_karpathy
+from captioning.data.options import (
+    LOADING_GROUPS,
+    option_defaults,
+    option_names,
+    parse_options,
+)
 from captioning.data.sampling import TrainingPosition, training_position, training_sampler
 from captioning.data.transforms import (
     IMAGENET_MEAN,
@@ -80,104 +86,52 @@ class CocoCaptionsDataModule(L.LightningDataModule):
             when it is pretrained, else the training images' own size rounded to the encoder's stride and capped
             at 224 (:func:`~captioning.data.transforms.auto_image_size`), printed at start with the reason and
             recorded in checkpoints as the number.
-        max_length: captions are cut to this many words; encoded captions hold at most
-            ``max_length + 2`` tokens (with ``<START>`` and ``<END>``).
-        min_word_count: training-caption words seen fewer times become ``<UNK>``.
-        vocab_path: the vocabulary JSON; default ``<root>/vocab_<train_split><year>_min<k>.json``,
-            or a per-root file under ``~/.cache/captioning/`` when ``root`` is not writable.
-        batch_size: samples per batch **per device (process)**. Under DDP each process loads its own
-            batches, so the global batch is ``batch_size x devices x num_nodes`` (times gradient
-            accumulation); scale the learning rate accordingly.
-        num_workers, pin_memory, persistent_workers: as for ``torch.utils.data.DataLoader``
-            (``persistent_workers`` only applies when ``num_workers > 0``); ``pin_memory="auto"`` pins only
-            when the trainer runs on a GPU (pinned CPU memory buys nothing on a CPU and warns).
-        augment: augment training batches, on their device, keeping every reference true
-            (:class:`~captioning.data.transforms.CaptionAugment`: zooms and shifts by default; optionally rotations,
-            left-right flips that swap "left" and "right" in the captions, brightness, contrast and pixel noise;
-            never a hue change: captions name colours). Not with ``feature_cache`` (the cached features are of
-            the plain images: augmentation is then off, with a note).
-        augmentation: ``CaptionAugment``'s arguments (``flip``, ``translate``, ``scale``, ``rotate``,
-            ``brightness``, ``contrast``, ``noise``, ``swaps``); unset ones keep its defaults.
         split_source: "official" (``captions_<split><year>.json``) or "karpathy" (``dataset_coco.json``).
         karpathy_file: the Karpathy split file; default ``<root>/dataset_coco.json``.
         restval: with Karpathy splits, train on train + restval (113,287 images) rather than train alone.
-        on_bad_image: "skip" an unreadable image (corrupt, truncated, empty, not an image, too large) with a
-            warning naming it, counted in :attr:`bad_images`; or "fail" with an error naming it.
-        max_image_pixels: images with more pixels are refused as possible decompression bombs; default
-            PIL's ``Image.MAX_IMAGE_PIXELS`` (~89 Mpx).
-        feature_cache: read a frozen encoder's features from a cache built once by ``prepare_data``
-            instead of decoding images: batches carry ``features`` (N, D, h, w) in place of ``images``.
-            Needs :meth:`use_encoder` with a frozen encoder; incompatible with ``augment``.
-        cache_dir: where feature caches live; default ``<root>/features`` (or under ``~/.cache/captioning``
-            when ``root`` is not writable).
-        feature_dtype: "float16" (half the disk and page cache) or "float32".
-        progress: show a progress bar while building the feature cache or decoding images into memory.
-        cache_images: decode each split's images once and keep them in memory (uint8, as decoded: the same
-            tensors as from the files, without a JPEG decode per sample, and no DataLoader workers needed):
-            ``True``, ``False``, or ``"auto"`` — when a split takes at most ``image_cache_mb`` megabytes decoded
-            (the built-in set: 49 MB; COCO's 118k training images would take ~100 GB, so they are read from disk).
-        image_cache_mb: the memory ``cache_images="auto"`` may use per split.
+        **options: the options every data source shares (:mod:`captioning.data.options`): how batches are loaded
+            (``batch_size`` — per device —, ``num_workers``, ``pin_memory``, ``persistent_workers``, ``progress``,
+            ``cache_images``, ``image_cache_mb``, ``feature_cache``, ``cache_dir``, ``feature_dtype``), how images are
+            read and augmented (``on_bad_image``, ``max_image_pixels``, ``augment``, ``augmentation``) and the
+            vocabulary (``max_length``, ``min_word_count``, ``vocab_path``).
     """
 
-    # the arguments that say how to load, not what the data is: evaluating a checkpoint takes the data's
-    # other arguments from the checkpoint and these from its own config (eval.py)
-    LOADER_ARGUMENTS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "progress",
-                        "feature_cache", "cache_dir", "feature_dtype", "on_bad_image", "max_image_pixels",
-                        "cache_images", "image_cache_mb", "augment", "augmentation")
     # arguments newer than some checkpoints: one without them was trained as their default says (eval.py)
     ADDED_ARGUMENTS: tuple[str, ...] = ()
-    CACHE_IMAGES = ("auto", True, False)
+    # this source's defaults of the shared options, where they differ from the options' own
+    OPTION_DEFAULTS: dict[str, Any] = {}
 
     def __init__(self, root: str, year: str = "2017", train_split: str = "train", val_split: str = "val",
-                 test_split: str | None = "test", image_size: int | str = "auto", max_length: int = 16,
-                 min_word_count: int = 5, vocab_path: str | None = None, batch_size: int = 64,
-                 num_workers: int = 4, pin_memory: bool | str = "auto", persistent_workers: bool = True,
-                 augment: bool = True, augmentation: Mapping[str, Any] | None = None,
-                 split_source: str = "official", karpathy_file: str | None = None,
-                 restval: bool = True, on_bad_image: str = "skip", max_image_pixels: int | None = None,
-                 feature_cache: bool = False, cache_dir: str | None = None, feature_dtype: str = "float16",
-                 progress: bool = True, cache_images: bool | str = "auto", image_cache_mb: int = 2048) -> None:
+                 test_split: str | None = "test", image_size: int | str = "auto", split_source: str = "official",
+                 karpathy_file: str | None = None, restval: bool = True, **options: Any) -> None:
         super().__init__()
-        for name, value, minimum in (("image_size", 1 if image_size == "auto" else image_size, 1),
-                                     ("max_length", max_length, 1),
-                                     ("min_word_count", min_word_count, 1), ("batch_size", batch_size, 1),
-                                     ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"data.{name} must be an integer >= {minimum}, got {value!r}.")
-        for name, value, choices in (("split_source", split_source, SPLIT_SOURCES),
-                                     ("on_bad_image", on_bad_image, ON_BAD_IMAGE),
-                                     ("feature_dtype", feature_dtype, FEATURE_DTYPES)):
-            if value not in choices:
-                raise ValueError(f"data.{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
-        if max_image_pixels is not None and (isinstance(max_image_pixels, bool)
-                                             or not isinstance(max_image_pixels, int) or max_image_pixels < 1):
-            raise ValueError(f"data.max_image_pixels must be a positive integer or null, got {max_image_pixels!r}.")
-        if cache_images not in self.CACHE_IMAGES:
-            raise ValueError(f"data.cache_images={cache_images!r} is not one of auto, true, false.")
-        if isinstance(image_cache_mb, bool) or not isinstance(image_cache_mb, int) or image_cache_mb < 0:
-            raise ValueError(f"data.image_cache_mb must be an integer >= 0 (megabytes), got {image_cache_mb!r}.")
-        if feature_cache and augment:
+        if image_size != "auto" and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                     or image_size < 1):
+            raise ValueError(f"data.image_size must be an integer >= 1 or auto, got {image_size!r}.")
+        if split_source not in SPLIT_SOURCES:
+            raise ValueError(f"data.split_source={split_source!r} is not one of "
+                             f"{', '.join(map(repr, SPLIT_SOURCES))}.")
+        loader, images, vocabulary = parse_options(options, self.OPTION_DEFAULTS, type(self).__name__)
+        if loader.feature_cache and images.augment:
             # the default augments; cached features are computed once from the plain images
             rank_zero_info("data.feature_cache=true: training batches are the features cached from the plain "
                            "images, so data.augment is not applied (set data.feature_cache=false to augment).")
-            augment = False
-        augmentation = OmegaConf.to_container(augmentation) if OmegaConf.is_config(augmentation) else augmentation
-        self.save_hyperparameters(logger=False)
+            images = dataclasses.replace(images, augment=False)
+        self.loader, self.images, self.vocab_options = loader, images, vocabulary
+        self.save_hyperparameters(
+            {"root": root, "year": year, "train_split": train_split, "val_split": val_split,
+             "test_split": test_split, "image_size": image_size, "split_source": split_source,
+             "karpathy_file": karpathy_file, "restval": restval,
+             **{k: v for group in (loader, images, vocabulary) for k, v in dataclasses.asdict(group).items()}},
+            logger=False)
         self.root = Path(root).expanduser()
         self.year = str(year)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.image_size, self.max_length, self.min_word_count = image_size, max_length, min_word_count
-        self._vocab_path = Path(vocab_path).expanduser() if vocab_path else None
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.pin_memory, self.persistent_workers, self.augment = pin_memory, persistent_workers, augment
+        self.image_size = image_size
         # built even when off, so a bad data.augmentation.* fails at once
-        self.augmentation = CaptionAugment(**(augmentation or {}), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.augmentation = CaptionAugment(**(images.augmentation or {}), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         self.split_source, self.restval = split_source, bool(restval)
         self.karpathy_file = Path(karpathy_file).expanduser() if karpathy_file else self.root / "dataset_coco.json"
-        self.on_bad_image, self.max_image_pixels = on_bad_image, max_image_pixels
-        self.feature_cache, self.feature_dtype, self.progress = bool(feature_cache), feature_dtype, progress
-        self.cache_images, self.image_cache_mb = cache_images, image_cache_mb
-        self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._encoder: nn.Module | None = None
         self._features: FeatureCache | None = None
         self._feature_keys: dict[str, tuple[CaptionSplit, dict[str, Any]]] = {}
@@ -187,6 +141,28 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.bad_image_logs: dict[str, BadImageLog] = {}
         self._resume_position: TrainingPosition | None = None
+
+    @property
+    def batch_size(self) -> int:
+        """``loader.batch_size``, where Lightning's batch-size finder (``Tuner.scale_batch_size``) looks for it."""
+        return self.loader.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.loader = dataclasses.replace(self.loader, batch_size=value)
+
+    @classmethod
+    def arguments(cls) -> dict[str, Any]:
+        """Every constructor argument with its default (inspect.Parameter.empty when required), the shared
+        options included: what a checkpoint's saved data arguments are matched against (eval.py)."""
+        params = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return {**params, **option_defaults(cls.OPTION_DEFAULTS)}
+
+    @classmethod
+    def loading_arguments(cls) -> list[str]:
+        """The arguments that say how to load, not what the data is: eval.py takes them from its own config."""
+        return option_names(LOADING_GROUPS)
 
     # ------------------------------------------------------------------ paths
     def _writable_home(self, name: str) -> Path:
@@ -198,19 +174,23 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         return Path("~/.cache/captioning").expanduser() / f"{root.name}-{digest}" / name
 
     @property
+    def _custom_vocab_path(self) -> Path | None:
+        return Path(self.vocab_options.vocab_path).expanduser() if self.vocab_options.vocab_path else None
+
+    @property
     def vocab_path(self) -> Path:
         """Where the vocabulary lives; the same on every rank (it depends only on the arguments)."""
-        if self._vocab_path is not None:
-            return self._vocab_path
+        if self._custom_vocab_path is not None:
+            return self._custom_vocab_path
         if self.split_source == "karpathy":
             train = f"{self.splits['train']}" + ("+restval" if self.restval and self.splits["train"] == "train" else "")
-            return self._writable_home(f"vocab_karpathy_{train}_min{self.min_word_count}.json")
-        return self._writable_home(f"vocab_{self.splits['train']}{self.year}_min{self.min_word_count}.json")
+            return self._writable_home(f"vocab_karpathy_{train}_min{self.vocab_options.min_word_count}.json")
+        return self._writable_home(f"vocab_{self.splits['train']}{self.year}_min{self.vocab_options.min_word_count}.json")
 
     @property
     def cache_dir(self) -> Path:
         """The folder holding feature caches (one sub-folder per cache key)."""
-        return self._cache_dir if self._cache_dir is not None else self._writable_home("features")
+        return Path(self.loader.cache_dir).expanduser() if self.loader.cache_dir else self._writable_home("features")
 
     def _annotation_file(self, role: str) -> Path:
         if self.split_source == "karpathy":
@@ -222,7 +202,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         """What the saved vocabulary was built from; a mismatch means the training captions changed."""
         path = self._annotation_file("train") if self.splits["train"] else Path("-")
         size = path.stat().st_size if path.is_file() else None
-        meta = {"annotation_file": path.name, "annotation_bytes": size, "min_word_count": self.min_word_count}
+        meta = {"annotation_file": path.name, "annotation_bytes": size, "min_word_count": self.vocab_options.min_word_count}
         if self.split_source == "karpathy":
             meta["restval"] = self.restval
         return meta
@@ -234,13 +214,13 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         Lightning calls this on one process per node, before ``setup`` on all of them.
         """
         path = self.vocab_path
-        if not (path.is_file() and (self._vocab_path is not None
+        if not (path.is_file() and (self._custom_vocab_path is not None
                                     or Vocabulary.read_metadata(path) == self._vocab_fingerprint())):
             # an explicit vocab_path is used as given; the default one is rebuilt when stale
             split = self._load_split("train")
-            vocab = Vocabulary.build((c for refs in split.references for c in refs), self.min_word_count)
+            vocab = Vocabulary.build((c for refs in split.references for c in refs), self.vocab_options.min_word_count)
             vocab.save(path, metadata=self._vocab_fingerprint())
-        if self.feature_cache:
+        if self.loader.feature_cache:
             for role in self._roles(None):
                 self._build_features(role)
 
@@ -305,7 +285,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         self._encoder = encoder
         self._features = None
         self._feature_keys.clear()
-        if self.feature_cache:
+        if self.loader.feature_cache:
             self._require_cache()  # a trainable encoder is refused now, not at the first batch
 
     def resolve_image_size(self) -> int:
@@ -322,9 +302,9 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         return self.image_size
 
     def _require_cache(self) -> FeatureCache:
-        if self._features is None and self.feature_cache and self._encoder is not None:
+        if self._features is None and self.loader.feature_cache and self._encoder is not None:
             self._features = FeatureCache(self.cache_dir, self._encoder, repr(self.image_pipeline()),
-                                          self.feature_dtype, self.root)
+                                          self.loader.feature_dtype, self.root)
         if self._features is None:
             raise RuntimeError(
                 "data.feature_cache=true, but no encoder was given to the DataModule: the features come from "
@@ -360,32 +340,32 @@ class CocoCaptionsDataModule(L.LightningDataModule):
 
     def _image_source(self, role: str, split: CaptionSplit) -> ImageSource:
         log = self.bad_image_logs.setdefault(role, BadImageLog(split.image_paths, role))
-        return ImageSource(split.image_paths, self.image_pipeline(), log, self.on_bad_image)
+        return ImageSource(split.image_paths, self.image_pipeline(), log, self.images.on_bad_image)
 
     def _maybe_hold_in_memory(self, role: str, source: ImageSource) -> None:
         """Decode the split's images once and keep them, when ``cache_images`` says so (``auto``: when they
         take at most ``image_cache_mb``): decoding a JPEG per sample costs as much as the training step of a
         small model, and DataLoader workers compete with training for the same cores."""
-        if self.cache_images is False:
+        if self.loader.cache_images is False:
             return
-        if self.cache_images == "auto":
+        if self.loader.cache_images == "auto":
             needed = decoded_megabytes(source)
-            if needed > self.image_cache_mb:
+            if needed > self.loader.image_cache_mb:
                 rank_zero_info(f"The {role} images take ~{needed:,.0f} MB decoded, more than data.image_cache_mb="
-                               f"{self.image_cache_mb}: they are read from disk each time.")
+                               f"{self.loader.image_cache_mb}: they are read from disk each time.")
                 return
-        source.hold_in_memory(self.progress and len(source) > 2000, f"decoding {self._split_name(role)} images")
+        source.hold_in_memory(self.loader.progress and len(source) > 2000, f"decoding {self._split_name(role)} images")
 
     def image_pipeline(self) -> ImagePipeline:
         """How this DataModule reads an image file (caption.py and the demo read theirs the same way)."""
-        return ImagePipeline(self.resolve_image_size(), max_pixels=self.max_image_pixels)
+        return ImagePipeline(self.resolve_image_size(), max_pixels=self.images.max_image_pixels)
 
     def _build_features(self, role: str) -> FeatureStore:
         key, split = self.feature_key(role), self._load_split(role)
         return self._require_cache().build(
             key, self._split_name(role), split.image_ids, TransformedImages(self._image_source(role, split)),
-            device=self._feature_device(), batch_size=self.batch_size, num_workers=self.num_workers,
-            progress=self.progress)
+            device=self._feature_device(), batch_size=self.batch_size, num_workers=self.loader.num_workers,
+            progress=self.loader.progress)
 
     # ------------------------------------------------------------------ datasets
     def setup(self, stage: str | None = None) -> None:
@@ -399,7 +379,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
             if role in self.datasets:
                 continue
             split = self._load_split(role)
-            if self.feature_cache:
+            if self.loader.feature_cache:
                 store = FeatureStore(self.feature_directory(role))
                 log = self.bad_image_logs.setdefault(role, BadImageLog(split.image_paths, role))
                 log.mark(sorted(store.bad_rows))
@@ -414,7 +394,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
                 source = self._image_source(role, split)
                 self._maybe_hold_in_memory(role, source)
             dataset_type = CaptionPairDataset if role == "train" else CaptionedImageDataset
-            self.datasets[role] = dataset_type(split, vocab, self.max_length, source)
+            self.datasets[role] = dataset_type(split, vocab, self.vocab_options.max_length, source)
 
     @property
     def bad_images(self) -> dict[str, list[str]]:
@@ -458,11 +438,11 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         dataset = self.datasets[role]
         # images held in memory need no workers: they would only copy batches to the training process
         in_memory = getattr(dataset.source, "decoded", None) is not None
-        workers = 0 if in_memory else self.num_workers
+        workers = 0 if in_memory else self.loader.num_workers
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, drop_last=False,
             num_workers=workers, pin_memory=self._pin_memory(), collate_fn=SkippingCollate(dataset),
-            persistent_workers=self.persistent_workers and workers > 0, generator=generator,
+            persistent_workers=self.loader.persistent_workers and workers > 0, generator=generator,
         )
 
     def sample_loader(self, role: str, count: int) -> DataLoader:
@@ -471,17 +451,17 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         if role not in self.datasets:
             raise RuntimeError(f"The {role} dataset is not built; call setup() with a stage that uses it first.")
         built = self.datasets[role]
-        dataset = CaptionedImageDataset(built.split, self.vocab, self.max_length, built.source)
+        dataset = CaptionedImageDataset(built.split, self.vocab, self.vocab_options.max_length, built.source)
         picked = np.unique(np.linspace(0, len(dataset) - 1, num=min(count, len(dataset)), dtype=int)).tolist()
         subset = Subset(dataset, picked)
         in_memory = getattr(built.source, "decoded", None) is not None
         return DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=0 if in_memory else
-                          self.num_workers, collate_fn=SkippingCollate(subset))
+                          self.loader.num_workers, collate_fn=SkippingCollate(subset))
 
     def _pin_memory(self) -> bool:
         """``pin_memory``; ``"auto"``: when the trainer computes on a GPU (pinning is for host-to-GPU copies)."""
-        if self.pin_memory != "auto":
-            return bool(self.pin_memory)
+        if self.loader.pin_memory != "auto":
+            return bool(self.loader.pin_memory)
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else None
         return device is not None and device.type == "cuda"
@@ -506,7 +486,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Training batches augmented on their device (``augment``): one batched transform, captions included."""
         trainer = getattr(self, "trainer", None)
-        if self.augment and trainer is not None and trainer.training and "images" in batch:
+        if self.images.augment and trainer is not None and trainer.training and "images" in batch:
             batch["images"], batch["captions"] = self.augmentation(batch["images"], batch["captions"])
         return batch
 

@@ -453,38 +453,32 @@ class ShapesDataModule(CocoCaptionsDataModule):
     """
 
     ADDED_ARGUMENTS = ("holdout",)
+    OPTION_DEFAULTS = {"min_word_count": 1, "num_workers": 2}
 
     def __init__(self, root: str = "data/shapes", num_train: int = 4000, num_val: int = 500,
-                 num_test: int = 500, image_size: int = 64, seed: int = 0, max_length: int = 16,
-                 min_word_count: int = 1, vocab_path: str | None = None, batch_size: int = 64,
-                 num_workers: int = 2, pin_memory: bool | str = "auto", persistent_workers: bool = True,
-                 augment: bool = True, augmentation: Any = None, progress: bool = True, on_bad_image: str = "skip",
-                 max_image_pixels: int | None = None, feature_cache: bool = False, cache_dir: str | None = None,
-                 feature_dtype: str = "float16", cache_images: bool | str = "auto", image_cache_mb: int = 2048,
-                 holdout: Any = None) -> None:
-        # plain values before the parent saves the arguments: checkpoints load with weights_only=True
-        holdout, augmentation = _plain(holdout), _plain(augmentation)
+                 num_test: int = 500, image_size: int = 64, seed: int = 0, holdout: Any = None,
+                 **options: Any) -> None:
+        # plain values before they are saved: checkpoints load with weights_only=True
+        holdout = _plain(holdout)
         self.holdout = Holdout.parse(holdout, COLORS, SHAPES)
-        if self.holdout:
-            root = str(Path(root).with_name(f"{Path(root).name}-{self.holdout.tag}"))
-        super().__init__(root=root, year=YEAR, train_split="train", val_split="val", test_split="test",
-                         image_size=image_size, max_length=max_length, min_word_count=min_word_count,
-                         vocab_path=vocab_path, batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory, persistent_workers=persistent_workers, augment=augment,
-                         augmentation=augmentation,
-                         on_bad_image=on_bad_image, max_image_pixels=max_image_pixels,
-                         feature_cache=feature_cache, cache_dir=cache_dir, feature_dtype=feature_dtype,
-                         progress=progress, cache_images=cache_images, image_cache_mb=image_cache_mb)
+        drawn = root
+        # (checkpoints from before the root was saved as given hold the drawn folder's name already)
+        if self.holdout and not Path(root).name.endswith(f"-{self.holdout.tag}"):
+            drawn = str(Path(root).with_name(f"{Path(root).name}-{self.holdout.tag}"))
+        super().__init__(root=drawn, year=YEAR, train_split="train", val_split="val", test_split="test",
+                         image_size=image_size, **options)
         self.generator_args = {"num_train": num_train, "num_val": num_val, "num_test": num_test,
                                "image_size": image_size, "seed": seed, "holdout": self.holdout}
-        self.progress = progress
+        # this class's own arguments as given (the root without the held-out suffix, which it adds itself)
+        self.hparams.update(root=root, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed,
+                            holdout=holdout)
         _params(**self.generator_args)  # fail at construction on bad sizes, not later in prepare_data
 
     def prepare_data(self) -> None:
         # One process per node gets here; nodes sharing the folder take turns, or one node's new set would
         # replace the folder under the other's vocabulary file. The later ones find the work done.
         with file_lock(self.root.parent / f".{self.root.name}.lock"):
-            ensure_shapes_dataset(self.root, progress=self.progress, **self.generator_args)
+            ensure_shapes_dataset(self.root, progress=self.loader.progress, **self.generator_args)
             super().prepare_data()
 
 
