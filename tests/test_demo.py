@@ -135,3 +135,29 @@ def test_demo_page_in_a_real_browser(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert (ARTIFACTS / "demo_page.png").stat().st_size > 10_000
+
+
+def test_queued_requests_with_the_same_settings_are_decoded_as_one_batch(tmp_path):
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Captioner:
+        pipeline = SimpleNamespace(load=lambda path: Image.new("RGB", (8, 8)) if path.suffix == ".png" else
+                                   (_ for _ in ()).throw(FileNotFoundError(path)))
+        module = SimpleNamespace(set_decoding=lambda decoder: calls.append(("decoding", decoder.strategy,
+                                                                            decoder.beam_size)))
+
+        def __call__(self, images):
+            calls.append(("batch", len(images)))
+            return [SimpleNamespace(text=f"caption {len(calls)}.{k}", log_prob=-1.0, attention=None, words=[])
+                    for k in range(len(images))]
+
+    demo = DemoCaptioner.__new__(DemoCaptioner)
+    demo.captioner, demo.max_length = Captioner(), 16
+    files = [[tmp_path / "a.png", tmp_path / "b.png"], [tmp_path / "c.png", tmp_path / "gone.jpg"], [tmp_path / "d.png"]]
+    tables, galleries = demo.caption_batch(files, ["greedy", "beam", "greedy"], [3, 3, 5])
+    # two settings: greedy (requests 1 and 3: three images, one batch), beam 3 (request 2: its readable image)
+    assert calls == [("decoding", "greedy", 1), ("batch", 3), ("decoding", "beam", 3), ("batch", 1)]
+    assert "caption 2.0" in tables[0] and "caption 2.1" in tables[0] and "caption 2.2" in tables[2]
+    assert "caption 4.0" in tables[1] and "could not be read" in tables[1] and galleries == [[], [], []]

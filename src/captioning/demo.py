@@ -2,7 +2,8 @@
 
 Built with Gradio (``pip install -e ".[demo]"``) around :class:`captioning.inference.Captioner` — the same
 image pipeline and decoding code as ``caption.py``. The model loads once; the requests waiting in the queue
-are decoded together (Gradio's batching). A file that cannot be read, or an image over the pixel limit,
+are taken together (Gradio's batching) and the images of those with the same decoding settings decoded as one
+batch. A file that cannot be read, or an image over the pixel limit,
 gets a line on the page saying so; the server goes on.
 """
 
@@ -41,9 +42,35 @@ class DemoCaptioner:
 
     def caption(self, files: Sequence[Any] | None, strategy: str = "greedy", beam_size: int = 3) -> tuple[str, list]:
         """One request: its files -> (HTML table, gallery of (overlay, label))."""
+        tables, galleries = self.caption_batch([files], [strategy], [beam_size])
+        return tables[0], galleries[0]
+
+    def caption_batch(self, files: list, strategies: list, beam_sizes: list) -> tuple[list, list]:
+        """Gradio's batched form: the requests waiting in the queue at once, each with its own settings. The images
+        of all requests with the same decoding settings are decoded as one batch."""
+        requests = [self._read(request_files) for request_files in files]
+        settings = [(strategy, int(beam_size) if strategy == "beam" else 1)
+                    for strategy, beam_size in zip(strategies, beam_sizes, strict=True)]
+        captions: list[list] = [[] for _ in requests]
+        for setting in dict.fromkeys(settings):  # each distinct setting once, in the order first asked
+            members = [k for k, s in enumerate(settings) if s == setting and requests[k][1]]
+            images = [image for k in members for _, image in requests[k][1]]
+            if not images:
+                continue
+            self.captioner.module.set_decoding(self.decoder(*setting))
+            decoded = iter(self.captioner(images))
+            for k in members:
+                captions[k] = [next(decoded) for _ in requests[k][1]]
+        tables, galleries = [], []
+        for (paths, readable, rows), results in zip(requests, captions, strict=True):
+            table, gallery = self._render(paths, readable, rows, results)
+            tables.append(table)
+            galleries.append(gallery)
+        return tables, galleries
+
+    def _read(self, files: Sequence[Any] | None) -> tuple[list[Path], list, dict]:
+        """A request's files -> (their paths, the readable (path, image) pairs, {path: (None, why not)})."""
         paths = [Path(getattr(f, "name", f)) for f in (files or [])]
-        if not paths:
-            return "<p id='captions-message'>Drop one or more images above, then press Caption.</p>", []
         readable, rows = [], {}
         for path in paths:
             try:
@@ -52,8 +79,11 @@ class DemoCaptioner:
                 rows[path] = (None, _for_the_page(str(error), path))
             except (FileNotFoundError, OSError) as error:
                 rows[path] = (None, _for_the_page(f"could not be read: {error}", path))
-        self.captioner.module.set_decoding(self.decoder(strategy, beam_size))
-        captions = self.captioner([image for _, image in readable]) if readable else []
+        return paths, readable, rows
+
+    def _render(self, paths: list[Path], readable: list, rows: dict, captions: list) -> tuple[str, list]:
+        if not paths:
+            return "<p id='captions-message'>Drop one or more images above, then press Caption.</p>", []
         gallery = []
         for (path, image), result in zip(readable, captions, strict=True):
             rows[path] = (result, None)
@@ -61,15 +91,6 @@ class DemoCaptioner:
                 overlay = attention_overlay(image, result.words, result.attention, title=_display_name(path))
                 gallery.append((np.asarray(overlay), f"{_display_name(path)}: {result.text}"))
         return _table([(path, *rows[path]) for path in paths]), gallery
-
-    def caption_batch(self, files: list, strategies: list, beam_sizes: list) -> tuple[list, list]:
-        """Gradio's batched form: several requests at once (each with its own settings)."""
-        tables, galleries = [], []
-        for request_files, strategy, beam_size in zip(files, strategies, beam_sizes, strict=True):
-            table, gallery = self.caption(request_files, strategy, beam_size)
-            tables.append(table)
-            galleries.append(gallery)
-        return tables, galleries
 
 
 def _display_name(path: Path) -> str:
