@@ -177,38 +177,25 @@ class LogProgressBar(ProgressBar):
 
 class RichProgressBarWithLog(RichProgressBar):
     """Lightning's rich bar in the terminal, with ``lines`` (a :class:`LogProgressBar` with ``console=False``)
-    writing the plain progress lines to the run's log file beside it."""
+    writing the plain progress lines to the run's log file beside it: every hook the lines need is called on
+    both (``FORWARDED``)."""
 
+    FORWARDED = ("setup", "on_train_start", "on_train_epoch_start", "on_train_batch_end", "on_train_epoch_end",
+                 "on_validation_end", "on_test_end")
 
     def __init__(self, lines: LogProgressBar, **rich_kwargs: Any) -> None:
         super().__init__(**rich_kwargs)
         self.lines = lines
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.lines.setup(trainer, pl_module, stage)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self.lines.on_train_start(trainer, pl_module)
+def _to_both(hook: str) -> Any:
+    def forwarded(self: RichProgressBarWithLog, *args: Any, **kwargs: Any) -> None:
+        getattr(RichProgressBar, hook)(self, *args, **kwargs)
+        getattr(self.lines, hook)(*args, **kwargs)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self.lines.on_train_epoch_start(trainer, pl_module)
+    forwarded.__name__ = hook
+    return forwarded
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.lines.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        self.lines.on_train_epoch_end(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        self.lines.on_validation_end(trainer, pl_module)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_test_end(trainer, pl_module)
-        self.lines.on_test_end(trainer, pl_module)
+for _hook in RichProgressBarWithLog.FORWARDED:
+    setattr(RichProgressBarWithLog, _hook, _to_both(_hook))
