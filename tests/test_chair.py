@@ -29,6 +29,61 @@ def test_words_and_phrases_map_to_categories(caption, expected):
     assert mentioned_categories(caption) == expected
 
 
+# The cases where this table read real COCO captions wrong, compared with the official CHAIR rules on 172k captions,
+# each beside the neighbour it must still read right.
+@pytest.mark.parametrize("caption, expected", [
+    # a group word counts what follows; on its own it is people
+    ("a couple of zebras standing in a field", ["zebra"]),
+    ("a couple sitting on a bench", ["person", "bench"]),
+    ("a family of elephants walking", ["elephant"]),
+    ("a family eating dinner at a table", ["person", "dining table"]),
+    ("a herd of sheep", ["sheep"]),
+    ("a crowd of people at a bus stop", ["person"]),
+    # baby / adult modify an animal; alone they are people
+    ("a baby elephant in the water", ["elephant"]),
+    ("an adult giraffe and its young", ["giraffe"]),
+    ("a baby in a crib", ["person", "bed"]),
+    ("an adult holding a kite", ["person", "kite"]),
+    # the sport is not the ball
+    ("a man playing baseball", ["person"]),
+    ("a baseball player at home plate", ["person"]),
+    ("kids playing basketball on a court", ["person"]),
+    ("two women playing volleyball", ["person"]),
+    ("a football game on tv", ["tv"]),
+    ("a boy throwing a football", ["person", "sports ball"]),
+    ("a player kicking a soccer ball", ["person", "sports ball"]),
+    # food and gardens
+    ("plants in a yard", []),
+    ("a potted plant on a desk", ["potted plant", "dining table"]),
+    ("chicken and broccoli on a plate", ["broccoli"]),
+    ("a rooster in the grass", ["bird"]),
+    ("sausages on a grill", []),
+    ("a hot dog with mustard", ["hot dog"]),
+    # possessives keep their noun
+    ("a man's hand holding a phone", ["person", "cell phone"]),
+    ("a person's lap with a laptop", ["person", "laptop"]),
+    ("a dog's head out of a car window", ["dog", "car"]),
+    ("the dogs' toys", ["dog"]),
+    ("a catcher's mitt", ["baseball glove"]),
+    # words the table lacked
+    ("a bicyclist on the road", ["person"]),
+    ("a cowboy riding a horse", ["person", "horse"]),
+    ("skaters at a park", ["person"]),
+    ("a traveler with a suitcase", ["person", "suitcase"]),
+    ("a doctor talking to a patient", ["person"]),
+    ("a panda eating bamboo", ["bear"]),
+    ("a biplane in the sky", ["airplane"]),
+    ("a peacock and an ostrich", ["bird"]),
+    ("two gentlemen in suits", ["person"]),
+    # the colour rule keeps the fruit's plural
+    ("oranges and bananas in a bowl", ["orange", "banana", "bowl"]),
+    ("oranges next to apples", ["orange", "apple"]),
+    ("an orange cat on a chair", ["cat", "chair"]),
+])
+def test_what_real_coco_captions_name(caption, expected):
+    assert mentioned_categories(caption) == expected
+
+
 def test_the_table_covers_cocos_80_categories():
     assert len(COCO_CATEGORY_WORDS) == 80
     for category in COCO_CATEGORY_WORDS:

@@ -22,6 +22,15 @@ from dataclasses import dataclass, field
 
 __all__ = ["COCO_CATEGORY_WORDS", "CocoChair", "ChairCaption", "mentioned_categories", "singular"]
 
+# the ball games whose name is also a ball: the sport ("playing baseball", "basketball court") unless an article
+# makes it a thing ("throwing a football")
+SPORTS = ("baseball", "football", "basketball", "volleyball", "softball")
+# words naming a person on their own that also modify an animal ("a baby elephant", "an adult giraffe") or count a
+# group ("a couple of zebras", "a family of elephants"); the next word decides
+PERSON_MODIFIERS = ("baby", "adult")
+GROUP_WORDS = ("couple", "family", "group", "herd", "pair", "flock", "crowd")
+_ARTICLES = ("a", "an", "the", "this", "that", "his", "her", "their", "its", "one")
+
 # category -> the words and phrases (singular) that name it. Multi-word phrases win over their parts.
 COCO_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "person": ("person", "man", "woman", "boy", "girl", "child", "kid", "baby", "toddler", "guy", "lady",
@@ -31,12 +40,13 @@ COCO_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
                "athlete", "mother", "father", "daughter", "son", "friend", "couple", "family", "crowd",
                "someone", "spectator", "customer", "driver", "passenger", "student", "bride", "groom", "male",
                "female", "businessman", "youngster", "baseball player", "soccer player",
-               "football player", "frisbee player"),
+               "football player", "frisbee player", "bicyclist", "cowboy", "skater", "traveler", "traveller",
+               "doctor", "patient", "nurse", "tourist", "hiker", "jockey"),
     "bicycle": ("bicycle", "bike", "tricycle"),
     "car": ("car", "automobile", "sedan", "taxi", "cab", "suv", "van", "jeep", "minivan", "coupe", "police car"),
     "motorcycle": ("motorcycle", "motorbike", "motor bike", "scooter", "moped", "dirt bike", "motor cycle"),
     "airplane": ("airplane", "aeroplane", "plane", "jet", "airliner", "aircraft", "jumbo jet", "jetliner",
-                 "passenger jet"),
+                 "passenger jet", "biplane", "seaplane"),
     "bus": ("bus", "school bus", "double decker", "trolley bus", "minibus"),
     "train": ("train", "locomotive", "tram", "subway", "railcar", "passenger train", "freight train"),
     "truck": ("truck", "pickup", "pickup truck", "lorry", "fire truck", "firetruck", "semi truck", "dump truck"),
@@ -48,7 +58,8 @@ COCO_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "parking meter": ("parking meter", "meter"),
     "bench": ("bench", "park bench"),
     "bird": ("bird", "pigeon", "seagull", "gull", "duck", "goose", "swan", "parrot", "owl", "eagle", "hawk",
-             "sparrow", "crow", "pelican", "chicken", "hen", "rooster", "penguin", "flamingo", "finch"),
+             "sparrow", "crow", "pelican", "hen", "rooster", "penguin", "flamingo", "finch", "peacock",
+             "ostrich", "heron", "crane", "turkey"),
     "cat": ("cat", "kitten", "kitty"),
     "dog": ("dog", "puppy", "pup", "doggy", "terrier", "retriever", "poodle", "bulldog", "labrador", "husky",
             "chihuahua", "dachshund", "collie", "beagle", "pug"),
@@ -56,7 +67,7 @@ COCO_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "sheep": ("sheep", "lamb", "ram", "ewe"),
     "cow": ("cow", "cattle", "bull", "calf", "ox", "oxen", "steer", "heifer"),
     "elephant": ("elephant",),
-    "bear": ("bear", "polar bear", "grizzly", "grizzly bear", "cub"),
+    "bear": ("bear", "polar bear", "grizzly", "grizzly bear", "cub", "panda"),
     "zebra": ("zebra",),
     "giraffe": ("giraffe",),
     "backpack": ("backpack", "back pack", "knapsack", "rucksack"),
@@ -67,8 +78,8 @@ COCO_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "frisbee": ("frisbee", "flying disc"),
     "skis": ("ski", "skis"),
     "snowboard": ("snowboard", "snow board"),
-    "sports ball": ("ball", "sports ball", "baseball", "football", "soccer ball", "tennis ball", "basketball",
-                    "volleyball", "softball", "soccer ball"),
+    # "baseball", "football", ... also name the sport ("playing baseball"): a ball only after an article, below
+    "sports ball": ("ball", "sports ball", "soccer ball", "tennis ball", *SPORTS),
     "kite": ("kite",),
     "baseball bat": ("baseball bat", "bat"),
     "baseball glove": ("baseball glove", "mitt", "baseball mitt", "catcher's mitt"),
@@ -88,13 +99,15 @@ COCO_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "orange": ("orange", "tangerine", "clementine", "mandarin"),
     "broccoli": ("broccoli",),
     "carrot": ("carrot",),
-    "hot dog": ("hot dog", "hotdog", "frankfurter", "sausage"),
+    "hot dog": ("hot dog", "hotdog", "frankfurter"),
     "pizza": ("pizza",),
     "donut": ("donut", "doughnut"),
     "cake": ("cake", "cupcake", "cheesecake", "birthday cake", "wedding cake"),
     "chair": ("chair", "stool", "armchair", "recliner"),
     "couch": ("couch", "sofa", "loveseat", "love seat", "futon"),
-    "potted plant": ("potted plant", "houseplant", "house plant", "plant", "flowerpot", "flower pot"),
+    # a bare "plant" is as often a garden's or a factory's: only a plant in a pot counts
+    "potted plant": ("potted plant", "houseplant", "house plant", "flowerpot", "flower pot", "plant pot",
+                     "pot plant"),
     "bed": ("bed", "mattress", "crib"),
     "dining table": ("dining table", "table", "desk", "dinner table", "kitchen table", "coffee table"),
     "toilet": ("toilet", "urinal", "commode", "toilet seat"),
@@ -135,6 +148,8 @@ _IRREGULAR = {
     "watches": "watch", "ponies": "pony", "puppies": "puppy", "kitties": "kitty", "babies": "baby",
     "ladies": "lady", "guys": "guy", "cherries": "cherry", "skies": "sky", "doggies": "doggy",
     "taxis": "taxi", "teens": "teen", "ferries": "ferry", "lorries": "lorry", "vases": "vase",
+    "gentlemen": "gentleman", "businessmen": "businessman", "policemen": "policeman", "cowboys": "cowboy",
+    "oranges": "orange",
 }
 _WORD = re.compile(r"[a-z']+")
 
@@ -152,15 +167,20 @@ def singular(word: str) -> str:
     return word
 
 
+def _normal(word: str) -> str:
+    """A caption's word as the table holds it: possessive dropped ("man's" -> "man", "dogs'" -> "dog"), singular."""
+    return singular(word.removesuffix("'s").rstrip("'"))
+
+
 def _phrase_table(words: Mapping[str, Iterable[str]], not_objects: Iterable[str] = NOT_OBJECTS,
                   ) -> dict[tuple[str, ...], str]:
     """(singular words of a phrase) -> category; "" for phrases that name no object."""
     table: dict[tuple[str, ...], str] = {}
     for category, phrases in words.items():
         for phrase in (category, *phrases):
-            table[tuple(singular(w) for w in phrase.split())] = category
+            table[tuple(_normal(w) for w in phrase.split())] = category
     for phrase in not_objects:
-        table[tuple(singular(w) for w in phrase.split())] = ""
+        table[tuple(_normal(w) for w in phrase.split())] = ""
     return table
 
 
@@ -170,22 +190,39 @@ _MAX_WORDS = max(len(p) for p in _PHRASES)
 
 def mentioned_categories(caption: str, table: Mapping[tuple[str, ...], str] = _PHRASES) -> list[str]:
     """The COCO categories a caption mentions, in order, each once. Longest phrases match first."""
-    words = [singular(w) for w in _WORD.findall(caption.lower())]
+    raw = _WORD.findall(caption.lower())
+    words = [_normal(w) for w in raw]
     found: list[str] = []
     i = 0
     while i < len(words):
         for n in range(min(_MAX_WORDS, len(words) - i), 0, -1):
             category = table.get(tuple(words[i:i + n]))
             if category is not None:
-                # "an orange cat": the colour, not the fruit
-                adjective = category == "orange" and n == 1 and i + 1 < len(words) and bool(table.get((words[i + 1],)))
-                if category and not adjective and category not in found:
+                if category and n == 1 and not _modifier(raw, words, i, table) and category not in found:
+                    found.append(category)
+                elif category and n > 1 and category not in found:
                     found.append(category)
                 i += n
                 break
         else:
             i += 1
     return found
+
+
+def _modifier(raw: list[str], words: list[str], i: int, table: Mapping[tuple[str, ...], str]) -> bool:
+    """Whether the one word at ``i`` that names a category does not name an object here: a colour, a sport, a
+    person word modifying an animal, or a group word counting what follows."""
+    word, following = words[i], words[i + 1] if i + 1 < len(words) else None
+    names_a_thing_next = following is not None and bool(table.get((following,)))
+    if raw[i] == "orange":  # "an orange cat": the colour (the plural "oranges" is always the fruit)
+        return names_a_thing_next
+    if word in SPORTS:  # "playing baseball", "a basketball court": the sport; "throwing a football": the ball
+        return i == 0 or words[i - 1] not in _ARTICLES
+    if word in PERSON_MODIFIERS:  # "a baby elephant" is an elephant; "a baby in a crib" a person
+        return names_a_thing_next and table.get((following,)) != "person"
+    if word in GROUP_WORDS:  # "a couple of zebras": zebras; "a couple sitting on a bench": people
+        return following == "of"
+    return False
 
 
 @dataclass
