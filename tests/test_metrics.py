@@ -475,3 +475,46 @@ def test_decoded_captions_two_processes_equal_one(tmp_path):
         assert result["tokens"] == [rows[i] for i in sorted(rows)]
         assert result["scores"] == pytest.approx(single, abs=1e-12)
     assert len(set(shards[0]) & set(shards[1])) == 1  # the padding really repeated an image across ranks
+
+
+def _random_caption_set(seed: int, images: int = 12, refs: int = 4):
+    import random
+
+    rng = random.Random(seed)
+    words = "a the red blue small large square circle star on left right of and there is".split()
+    references = {i: [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(refs)]
+                  for i in range(images)}
+    # training captions: the references' own words, repeated n-grams included ("a red a red square")
+    train = [" ".join(rng.choice(words[:6]) for _ in range(rng.randint(1, 8))) for _ in range(200)]
+    return references, train
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_constant_caption_bleu_equals_scoring_each_caption(seed):
+    references, train = _random_caption_set(seed)
+    scorer = CaptionScorer(references, bleu="numpy")
+    ids = sorted(references)[: 9]  # a subset of the split's images
+    candidates = sorted(set(train))[:60]
+    fast = scorer.constant_bleu(candidates, ids)
+    for caption, row in zip(candidates, fast, strict=True):
+        slow = scorer({i: caption for i in ids})
+        assert row == pytest.approx([slow[f"bleu{k}"] for k in range(1, 5)], rel=1e-12, abs=1e-15)
+
+
+def test_the_blind_baseline_is_the_best_of_every_training_caption():
+    from collections import Counter
+
+    from captioning.callbacks import best_constant_caption
+
+    references, train = _random_caption_set(5)
+    # the best constant caption is rare: the 50 most frequent captions are worse ones
+    best_rare = references[0][0]
+    train = [c for c in train for _ in range(3)] + [best_rare]
+    scorer = CaptionScorer(references)
+    ids = sorted(references)
+    brute = max(Counter(" ".join(tokenize(c)) for c in train), key=lambda c: scorer({i: c for i in ids})["bleu4"])
+    caption, scores = best_constant_caption(train, scorer, ids)
+    assert scores["bleu4"] == pytest.approx(scorer({i: brute for i in ids})["bleu4"], rel=1e-12)
+    assert caption == brute
+    top50, top50_scores = best_constant_caption(train, scorer, ids, candidates=50)
+    assert top50_scores["bleu4"] < 0.5 * scores["bleu4"]  # what the old search over the 50 most frequent reported

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchmetrics.functional.text.bleu import _bleu_score_update
 
@@ -30,6 +31,15 @@ def _coco_bleu(correct: Sequence[float], guess: Sequence[float], hyp_len: float,
         brevity = math.exp(1 - 1 / ratio)
         scores = [s * brevity for s in scores]
     return scores
+
+
+def _coco_bleu_rows(correct: np.ndarray, guess: np.ndarray, hyp_len: np.ndarray, ref_len: np.ndarray) -> np.ndarray:
+    """:func:`_coco_bleu` for C sets of statistics at once: correct, guess (C, n); hyp_len, ref_len (C,) -> (C, n)."""
+    ratios = (correct + _BLEU_TINY) / (guess + _BLEU_SMALL)
+    scores = np.cumprod(ratios, axis=1) ** (1.0 / np.arange(1, correct.shape[1] + 1))
+    ratio = (hyp_len + _BLEU_TINY) / (ref_len + _BLEU_SMALL)
+    brevity = np.where(ratio < 1, np.exp(1 - 1 / np.minimum(ratio, 1)), 1.0)
+    return scores * brevity[:, None]
 
 
 def corpus_bleu(hypotheses: list[str], references: list[list[str]], max_n: int = 4) -> list[float]:

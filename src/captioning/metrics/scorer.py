@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bleu import _coco_bleu, corpus_bleu
+from .bleu import _coco_bleu, _coco_bleu_rows, corpus_bleu
 from .cider import CiderD, _check_predictions
 from .tokens import tokenize
 
@@ -44,6 +44,49 @@ class CaptionScorer:
         self._clip_key = key[first]
         self._clip_count = np.maximum.reduceat(count, first) if len(first) else count
         self._ref_lengths = counts.lengths  # (R,)
+
+    def constant_bleu(self, captions: list[str], image_ids: list[int]) -> np.ndarray:
+        """BLEU-1..4 (C, 4) of each of ``captions`` given as the caption of every image in ``image_ids``: the blind
+        baseline's search, all candidates at once. Equal to ``self({i: caption for i in image_ids})`` with the
+        NumPy BLEU, caption by caption (tested), without scoring the images once per candidate.
+
+        A caption with an n-gram g c times matches sum_i min(c, m_i(g)) = sum_{k <= c} #{images i: m_i(g) >= k}
+        times, m_i(g) the most any one reference of image i holds it: a table per n-gram of the candidates.
+        """
+        n, size = self.BLEU_ORDERS, self.cider.ngrams.size
+        rows = self.cider.rows(list(image_ids))
+        M = len(rows)
+        counts = self.cider.ngrams.count([tokenize(c) for c in captions])
+        known = np.flatnonzero(counts.gid < size)
+        grams, entry_gram = np.unique(counts.gid[known], return_inverse=True)
+        depth = int(counts.count.max(initial=1))
+        # at_least[g, k - 1]: images among ``rows`` whose references hold n-gram g at least k times
+        scored = np.zeros(len(self.cider._row), dtype=bool)
+        scored[rows] = True
+        clip_image, clip_gid = self._clip_key // size, self._clip_key % size
+        position = np.minimum(np.searchsorted(grams, clip_gid), max(len(grams) - 1, 0))
+        wanted = scored[clip_image] & (grams[position] == clip_gid) if len(grams) else np.zeros(0, dtype=bool)
+        at_least = np.zeros((len(grams), depth))
+        for k in range(1, depth + 1):
+            hits = wanted & (self._clip_count >= k)
+            at_least[:, k - 1] = np.bincount(position[hits], minlength=len(grams))
+        clipped = np.cumsum(at_least, axis=1)  # clipped[g, c - 1]: the matches of a caption holding g c times
+        matched = np.zeros(len(counts.gid))
+        matched[known] = clipped[entry_gram, counts.count[known].astype(np.int64) - 1]
+        C = len(captions)
+        correct = np.bincount(counts.caption * n + counts.order, weights=matched, minlength=C * n).reshape(C, n)
+        lengths = counts.lengths.astype(np.float64)
+        guess = M * np.maximum(lengths[:, None] - np.arange(n), 0)
+        # the closest reference length of every image to each distinct caption length (ties -> the shorter)
+        ref_rows = np.flatnonzero(scored[self.cider._ref_image])
+        ref_image, ref_lengths = self.cider._ref_image[ref_rows], self._ref_lengths[ref_rows]
+        ref_len = np.zeros(C)
+        for length in np.unique(counts.lengths):
+            scale = int(max(ref_lengths.max(initial=0), length)) + 1
+            best = np.full(len(self.cider._row), np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(best, ref_image, np.abs(ref_lengths - length) * scale + ref_lengths)
+            ref_len[counts.lengths == length] = float((best[rows] % scale).sum())
+        return _coco_bleu_rows(correct, guess, M * lengths, ref_len)
 
     def __call__(self, predictions: dict[int, str]) -> dict[str, float]:
         """{"bleu1", ..., "bleu4", "cider"} over the predicted images ({image_id: caption})."""
