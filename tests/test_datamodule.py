@@ -450,10 +450,16 @@ def test_the_shared_options_are_one_list_every_source_takes():
         "min_word_count"] == 5
     # every key the data configs set is an argument of their DataModule
     conf = Path(__file__).resolve().parents[1] / "conf" / "data"
+    from hydra.utils import get_class
+
+    def target(path):  # a config's _target_, or that of the config its defaults list starts from
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        base = next((d for d in node.get("defaults", []) if isinstance(d, str) and not d.startswith("common")), None)
+        return node.get("_target_") or target(conf / f"{base}.yaml")
+
     for path in conf.glob("*.yaml"):
         node = OmegaConf.to_container(OmegaConf.load(path))
-        target = node.get("_target_") or "captioning.data.coco.CocoCaptionsDataModule"
-        cls = ShapesDataModule if target.endswith("ShapesDataModule") else CocoCaptionsDataModule
+        cls = get_class(target(path))
         assert set(node) - {"_target_", "defaults"} <= set(cls.arguments()), path.name
     # the shared config file is the options' code defaults (the augmentation recipe apart: None in code)
     from captioning.data.options import option_defaults
