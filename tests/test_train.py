@@ -128,8 +128,9 @@ def test_default_run_learns_to_see(tmp_path):
     picture, not only the language of the references: judged against the scenes the generator drew.
 
     Measured (seeds 12345 / 1, 2 min 18 s each on 2 cores): object precision 0.935 / 0.926, colour 0.981 /
-    0.978, single-object exact 1.000 / 1.000, true captions 0.870 / 0.875, BLEU-4 0.842 / 0.841 (blind
-    baseline 0.213), CIDEr-D 3.82 / 4.12 (0.48), 172 distinct captions for 200 images. The courses' setup
+    0.978, single-object exact 1.000 / 1.000, true captions 0.870 / 0.875, BLEU-4 0.842 / 0.841 (blind baseline,
+    then the best of the 50 most frequent captions, 0.213), CIDEr-D 3.82 / 4.12 (0.48), 172 distinct captions for
+    200 images. The courses' setup
     (experiment=shapes_courses) stays at object precision ~0.1 with a BLEU-4 of ~0.3."""
     train([f"paths.root_dir={tmp_path}", "data.num_val=200", "data.num_test=50", "data.progress=false",
            "trainer.max_epochs=4", "logger=csv", "callbacks.progress_bar=null"])
@@ -140,9 +141,11 @@ def test_default_run_learns_to_see(tmp_path):
     assert final["val/grounding/color"] >= 0.95 and final["val/grounding/shape"] >= 0.85
     assert final["val/grounding/single_exact"] >= 0.9
     assert final["val/grounding/correct"] >= 0.75  # captions with nothing false in them
-    assert blind["grounding/precision"] == 0.0  # the best constant caption names no object
+    # the best constant caption ("there is a large white triangle on the left": BLEU-4 0.29, CIDEr-D 0.71) names an
+    # object that is there an eighth of the time
+    assert blind["grounding/precision"] < 0.25 and final["val/grounding/precision"] > 3 * blind["grounding/precision"]
     assert final["val/bleu4"] >= 0.75 and final["val/bleu4"] > 2 * blind["bleu4"]
-    assert final["val/cider"] > 5 * blind["cider"]
+    assert final["val/cider"] > 4 * blind["cider"]
     assert metrics["distinct_val_captions"] > 100
 
 
