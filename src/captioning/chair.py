@@ -198,9 +198,7 @@ def mentioned_categories(caption: str, table: Mapping[tuple[str, ...], str] = _P
         for n in range(min(_MAX_WORDS, len(words) - i), 0, -1):
             category = table.get(tuple(words[i:i + n]))
             if category is not None:
-                if category and n == 1 and not _modifier(raw, words, i, table) and category not in found:
-                    found.append(category)
-                elif category and n > 1 and category not in found:
+                if category and category not in found and not (n == 1 and _modifier(raw, words, i, table)):
                     found.append(category)
                 i += n
                 break
