@@ -136,6 +136,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         self._features: FeatureCache | None = None
         self._feature_keys: dict[str, tuple[CaptionSplit, dict[str, Any]]] = {}
         self._vocab: Vocabulary | None = None
+        self._given_vocab: Vocabulary | None = None
         self._splits: dict[str, tuple[Any, CaptionSplit]] = {}
         self._karpathy: tuple[Any, list] | None = None
         self.datasets: dict[str, Dataset] = {}
@@ -214,7 +215,9 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         Lightning calls this on one process per node, before ``setup`` on all of them.
         """
         path = self.vocab_path
-        if not (path.is_file() and (self._custom_vocab_path is not None
+        if self._given_vocab is not None:
+            pass  # a checkpoint's vocabulary (use_vocabulary): no training captions needed
+        elif not (path.is_file() and (self._custom_vocab_path is not None
                                     or Vocabulary.read_metadata(path) == self._vocab_fingerprint())):
             # an explicit vocab_path is used as given; the default one is rebuilt when stale
             split = self._load_split("train")
@@ -224,9 +227,16 @@ class CocoCaptionsDataModule(L.LightningDataModule):
             for role in self._roles(None):
                 self._build_features(role)
 
+    def use_vocabulary(self, vocab: Vocabulary) -> None:
+        """Encode captions with ``vocab`` (a trained model's) instead of one built from the training captions: how
+        eval.py scores a checkpoint on a set without a training split, or on another set than it was trained on."""
+        self._given_vocab = vocab
+
     @property
     def vocab(self) -> Vocabulary:
         """The vocabulary (after ``prepare_data``); loaded from ``vocab_path`` on first use."""
+        if self._given_vocab is not None:
+            return self._given_vocab
         if self._vocab is None:
             if not self.vocab_path.is_file():
                 raise RuntimeError(
@@ -293,13 +303,17 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         the training images (once; printed with the reason, and stored in the hyperparameters so checkpoints
         record the number)."""
         if self.image_size == "auto":
-            paths = self._load_split("train" if self.splits["train"] else "val").image_paths
+            paths = self._load_split(self._size_split()).image_paths
             encoder = self._encoder
             size, why = auto_image_size(paths, getattr(encoder, "input_size", None),
                                         int(getattr(encoder, "downsampling", 32)))
             rank_zero_info(f"data.image_size=auto: {size} px, {why} (set data.image_size=<pixels> to choose).")
             self.image_size = self.hparams["image_size"] = size
         return self.image_size
+
+    def _size_split(self) -> str:
+        """The split whose images ``image_size="auto"`` measures: the training one, where there is one."""
+        return "train" if self.splits["train"] else "val"
 
     def _require_cache(self) -> FeatureCache:
         if self._features is None and self.loader.feature_cache and self._encoder is not None:
@@ -371,7 +385,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load the vocabulary (every rank) and build the datasets the stage needs."""
         self._vocab = None  # re-read: prepare_data may have rebuilt it since
-        if not self.vocab_path.is_file():
+        if self._given_vocab is None and not self.vocab_path.is_file():
             self._load_split("train")  # a missing root or annotation file is the likelier, clearer error
         vocab = self.vocab
         self.augmentation.bind(vocab.word_to_idx)

@@ -23,7 +23,6 @@ image file stops with the first few named (as for COCO).
 from __future__ import annotations
 
 import csv
-import random
 import re
 import warnings
 from dataclasses import dataclass
@@ -31,15 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.annotations import CaptionSplit, check_root, clean_split
-from captioning.data.coco import CocoCaptionsDataModule
 from captioning.data.karpathy import read_karpathy
+from captioning.data.records import ROLES, CaptionTableDataModule, seeded_split
 
 __all__ = ["FlickrDataModule", "FlickrCaptions", "read_flickr"]
 
 IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
 CAPTION_FILES = ("captions.txt", "Flickr8k.token.txt", "results.csv", "results_20130124.token")
 KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -116,19 +114,7 @@ def read_flickr(path: str | Path) -> FlickrCaptions:
     return FlickrCaptions(path, captions, duplicates)
 
 
-def seeded_split(names: list[str], seed: int, val_images: int, test_images: int) -> dict[str, str]:
-    """file name -> train / val / test: the sorted names shuffled by ``seed``, the last ``test_images`` test, the
-    ``val_images`` before them validation."""
-    order = sorted(names)
-    random.Random(seed).shuffle(order)
-    if val_images + test_images >= len(order):
-        raise ValueError(f"data.val_images={val_images} + data.test_images={test_images} leave no training images "
-                         f"of the {len(order)}: lower them.")
-    cut_val, cut_test = len(order) - val_images - test_images, len(order) - test_images
-    return {name: "train" if k < cut_val else "val" if k < cut_test else "test" for k, name in enumerate(order)}
-
-
-class FlickrDataModule(CocoCaptionsDataModule):
+class FlickrDataModule(CaptionTableDataModule):
     """Flickr8k / Flickr30k (``data=flickr8k``, ``data=flickr30k``) in any of their download layouts (module
     docstring); everything else — loading, augmentation, the vocabulary, evaluation — is the COCO DataModule's.
 
@@ -146,7 +132,7 @@ class FlickrDataModule(CocoCaptionsDataModule):
     def __init__(self, root: str, image_dir: str | None = None, captions_file: str | None = None,
                  karpathy_file: str | None = None, image_size: int | str = "auto", split_seed: int = 0,
                  val_images: int = 1000, test_images: int = 1000, **options: Any) -> None:
-        super().__init__(root=root, year="", image_size=image_size, test_split="test", **options)
+        super().__init__(root=root, image_size=image_size, **options)
         for name, value in (("split_seed", split_seed), ("val_images", val_images), ("test_images", test_images)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"data.{name} must be an integer >= 0, got {value!r}.")
@@ -154,9 +140,6 @@ class FlickrDataModule(CocoCaptionsDataModule):
         self.split_seed, self.val_images, self.test_images = split_seed, val_images, test_images
         self.hparams.update(image_dir=image_dir, captions_file=captions_file, karpathy_file=karpathy_file,
                             split_seed=split_seed, val_images=val_images, test_images=test_images)
-        for key in ("year", "train_split", "val_split", "test_split", "split_source", "restval"):
-            self.hparams.pop(key, None)  # COCO's, not this source's: eval.py rebuilds it from the rest
-        self._layout: tuple[Any, dict[str, CaptionSplit]] | None = None
 
     # ------------------------------------------------------------------ where things are
     def _find(self, given: str | None, names: tuple[str, ...], what: str, is_dir: bool) -> Path | None:
@@ -197,28 +180,25 @@ class FlickrDataModule(CocoCaptionsDataModule):
         return self._writable_home(f"vocab_{self._annotation_file('train').stem}_min{self.vocab_options.min_word_count}.json")
 
     # ------------------------------------------------------------------ splits
-    def _load_split(self, role: str) -> CaptionSplit:
-        name = self._split_name(role)
-        images, karpathy, captions = self._sources()
+    def _source_key(self) -> Any:
+        _, karpathy, captions = self._sources()
         source = karpathy or captions
-        stat = source.stat()
-        key = (str(source), stat.st_size, stat.st_mtime_ns, self.split_seed, self.val_images, self.test_images)
-        if self._layout is None or self._layout[0] != key:
-            self._layout = (key, self._read_splits(images, karpathy, captions))
-        return self._layout[1][name]
+        stat = source.stat()  # type: ignore[union-attr]
+        return (str(source), stat.st_size, stat.st_mtime_ns, self.split_seed, self.val_images, self.test_images)
 
-    def _read_splits(self, images: Path, karpathy: Path | None, captions: Path | None) -> dict[str, CaptionSplit]:
+    def _read_splits(self) -> dict[str, CaptionSplit]:
+        images, karpathy, captions = self._sources()
         if karpathy is not None:
             entries = read_karpathy(karpathy)
             rows = {s: [(e.image_id, images / Path(e.path).name, list(e.captions)) for e in entries
-                        if (e.split if e.split != "restval" else "train") == s] for s in SPLITS}
+                        if (e.split if e.split != "restval" else "train") == s] for s in ROLES}
             source = karpathy
         else:
             read = read_flickr(captions)  # type: ignore[arg-type]
             names = sorted(read.captions)
             ids = {name: k for k, name in enumerate(names)}
             split_of = seeded_split(names, self.split_seed, self.val_images, self.test_images)
-            rows = {s: [(ids[n], images / n, read.captions[n]) for n in names if split_of[n] == s] for s in SPLITS}
+            rows = {s: [(ids[n], images / n, read.captions[n]) for n in names if split_of[n] == s] for s in ROLES}
             source = read.path
         return {s: clean_split(source, s, [r[0] for r in rows[s]], [str(r[1]) for r in rows[s]], [r[2] for r in rows[s]])
-                for s in SPLITS}
+                for s in ROLES}

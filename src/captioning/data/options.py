@@ -1,6 +1,6 @@
 """The options every caption DataModule shares, in three groups: how to load, how images are read, the vocabulary.
 
-A data source (COCO files, the built-in set, and the Flickr / folder / Hugging Face sources to come) takes its
+A data source (COCO files, the built-in set, Flickr, a caption folder, a Hugging Face dataset) takes its
 own arguments — where the data is and what it holds — and ``**options``; :func:`parse_options` sorts those into
 the groups, checks them, and names an unknown key. The groups' fields are the config's flat keys
 (``data.batch_size``, ``data.augment``, ``data.min_word_count``), so a new option is one field here.
