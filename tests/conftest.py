@@ -25,3 +25,20 @@ def _forget_hydra():
 
     HydraConfig.instance().cfg = None
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hugging_face_offline(tmp_path_factory):
+    """Hugging Face datasets read offline, their caches in the session's temporary folder, not the user's home."""
+    import os
+
+    home = tmp_path_factory.mktemp("hf-home")
+    patched = {"HF_HOME": str(home), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    saved = {key: os.environ.get(key) for key in patched}
+    os.environ.update(patched)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
