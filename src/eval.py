@@ -56,6 +56,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
     module.set_decoding(instantiate(cfg.decoding))
     datamodule: L.LightningDataModule = instantiate(cfg.data)
+    if hasattr(datamodule, "use_vocabulary"):
+        # captions are encoded as the model reads them: no training split is needed (an evaluation-only set)
+        datamodule.use_vocabulary(module.vocab)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
     seconds["load"] = time.perf_counter() - start

@@ -131,7 +131,9 @@ def checkpoint_data_config(cfg: DictConfig, saved: Mapping[str, Any], source: st
     """Set ``cfg.data`` to the data the checkpoint was trained with, in place (see the module docstring).
 
     ``saved``: the checkpoint's DataModule config (:func:`captioning.module.load_checkpoint`); ``source``
-    names the checkpoint in messages. A ``data=<group>`` on the command line keeps that group's DataModule.
+    names the checkpoint in messages. A ``data=<group>`` on the command line keeps that group's DataModule; when it
+    is another kind than the checkpoint's, it is another data set (an evaluation-only one, say), taken as given but
+    for the image size the model was trained at.
     """
     if not saved:
         log.warning("%s holds no DataModule hyperparameters; using the data config as given.", source)
@@ -144,4 +146,13 @@ def checkpoint_data_config(cfg: DictConfig, saved: Mapping[str, Any], source: st
         with open_dict(cfg):
             cfg.data = data_from_checkpoint(cfg.data, saved, explicit)
         group = f"{target.rpartition('.')[2]} (from the checkpoint)"
+    elif target and target != cfg.data._target_:
+        # data=<another kind> on the command line: another data set than the model's (an evaluation-only set, a
+        # cross-data-set score). It is taken as given, captioned with the model's vocabulary (eval.py) at the image
+        # size the model was trained at.
+        if "image_size" in cfg.data and "image_size" not in explicit and "image_size" in saved:
+            cfg.data.image_size = saved["image_size"]
+        log.info("Evaluating on data=%s, not the data set the checkpoint was trained on (%s): its data.* as given, "
+                 "image_size %s from the checkpoint.", group, target, cfg.data.get("image_size"))
+        return
     merge_data_config(cfg.data, saved, explicit, group)
