@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_core", "bench_decoding", "bench_metrics", "bench_data", "bench_scst", "bench_loop", "bench_export")
+SCRIPTS = ("bench_core", "bench_decoding", "bench_metrics", "bench_data", "bench_scst", "bench_loop", "bench_export",
+           "bench_setup")
 COMMON = ("bench_core", "bench_decoding", "bench_data", "bench_scst", "bench_export")  # the scripts built on benchmarks/common.py
 
 
