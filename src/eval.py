@@ -56,6 +56,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
     module.set_decoding(instantiate(cfg.decoding))
     datamodule: L.LightningDataModule = instantiate(cfg.data)
+    if hasattr(datamodule, "use_encoder"):
+        # images are read by the input the checkpoint's encoder declared (mean, std, resize)
+        datamodule.use_encoder(module.encoder, module.image_contract)
     if hasattr(datamodule, "use_vocabulary"):
         # captions are encoded as the model reads them: no training split is needed (an evaluation-only set)
         datamodule.use_vocabulary(module.vocab)

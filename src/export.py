@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from captioning.export import export_captioner, verify_export
-from captioning.inference import pick_image_size
+from captioning.inference import pick_contract
 from captioning.module import load_checkpoint
 from captioning.utils import explain_errors, resolve_ckpt_path, save_config
 
@@ -26,10 +26,10 @@ def export(cfg: DictConfig) -> Path:
     """Export the checkpoint; the folder written."""
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
     module, data = load_checkpoint(ckpt_path)
-    image_size = pick_image_size(cfg.image_size, data, ckpt_path)
+    contract = pick_contract(module, cfg.image_size, data, ckpt_path)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.paths.output_dir) / "exported"
     save_config(cfg, Path(cfg.paths.output_dir) / "config.yaml")
-    folder = export_captioner(module, image_size, output_dir, cfg.format)
+    folder = export_captioner(module, contract, output_dir, cfg.format)
     if cfg.verify:
         verify_export(module, folder)
     log.info("Exported %s (%s) to %s; caption with: python %s %s <images>", ckpt_path, cfg.format, folder,

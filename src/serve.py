@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from captioning.data.transforms import ImagePipeline
-from captioning.inference import Captioner, pick_device, pick_image_size
+from captioning.inference import Captioner, pick_contract, pick_device
 from captioning.module import load_checkpoint
 from captioning.utils import explain_errors, resolve_ckpt_path, save_config
 
@@ -33,9 +33,10 @@ def serve(cfg: DictConfig, block: bool = True):
         raise ValueError(f"The demo needs Gradio ({error}): pip install -e \".[demo]\".") from error
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
     module, data = load_checkpoint(ckpt_path)
-    size = pick_image_size(cfg.image_size, data, ckpt_path)
+    contract = pick_contract(module, cfg.image_size, data, ckpt_path)
     decoding = instantiate(cfg.decoding)
-    captioner = Captioner(module, ImagePipeline(size, max_pixels=cfg.max_image_pixels), decoding, pick_device(cfg.device))
+    captioner = Captioner(module, ImagePipeline(contract, max_pixels=cfg.max_image_pixels), decoding,
+                          pick_device(cfg.device))
     output_dir = Path(cfg.paths.output_dir)
     save_config(cfg, output_dir / "config.yaml")
     examples = example_images(output_dir / "examples", cfg.examples, data.get("root")) if cfg.examples else []

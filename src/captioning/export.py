@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .models.captioner import CaptioningRNN, DecoderState
 from .module import CaptioningModule
+from .runtime import ImageContract
 
 __all__ = ["FORMATS", "export_captioner", "load_exported", "state_names", "verify_export"]
 
@@ -64,9 +65,15 @@ class _Step(nn.Module):
         return tuple(outputs + ([weights] if weights is not None else []))
 
 
-def export_captioner(module: CaptioningModule, image_size: int, folder: str | Path, format: str = "onnx",
-                     batch: int = 2) -> Path:
-    """Write ``module`` (trained; on the CPU, in eval mode) into ``folder`` in ``format``; returns the folder."""
+def export_captioner(module: CaptioningModule, contract: ImageContract | int, folder: str | Path,
+                     format: str = "onnx", batch: int = 2) -> Path:
+    """Write ``module`` (trained; on the CPU, in eval mode) into ``folder`` in ``format``; returns the folder.
+
+    ``contract``: how images reach the model (``module.image_contract`` for a checkpoint; a side S means ImageNet's
+    statistics, the whole image resized): ``config.json`` records it and ``run.py`` reads files by it."""
+    if not isinstance(contract, ImageContract):
+        contract = ImageContract(size=int(contract))
+    image_size = contract.size
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}.")
     folder = Path(folder)
@@ -95,7 +102,7 @@ def export_captioner(module: CaptioningModule, image_size: int, folder: str | Pa
             torch.jit.trace(step, (words, *state), check_trace=False).save(str(folder / "step.pt"))
     config: dict[str, Any] = {
         "export_format": EXPORT_FORMAT, "format": format, "encoder": f"encoder{suffix}", "step": f"step{suffix}",
-        "cell_type": decoder.cell_type, "image_size": image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "cell_type": decoder.cell_type, "image_size": image_size, "image": contract.as_dict(),
         "null_id": module.vocab.null_id, "start_id": module.vocab.start_id, "end_id": module.vocab.end_id,
         "state": names, "carried": carried, "step_outputs": step_output_names,
         "max_length": module.decoding.max_length,
@@ -148,6 +155,7 @@ def load_exported(folder: str | Path) -> Any:
     folder = Path(folder)
     spec = importlib.util.spec_from_file_location(f"exported_{abs(hash(str(folder)))}", folder / "run.py")
     runtime = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = runtime  # dataclasses look their module up there
     spec.loader.exec_module(runtime)
     return runtime.ExportedCaptioner(folder)
 

@@ -22,8 +22,9 @@ from captioning.data.images import BadImageError
 from captioning.data.transforms import ImagePipeline
 from captioning.models.decoding import CaptionDecoder
 from captioning.module import CaptioningModule, load_checkpoint
+from captioning.runtime import ImageContract
 
-__all__ = ["Caption", "Captioner", "collect_images", "image_suffixes", "pick_device", "pick_image_size", "unique_stem"]
+__all__ = ["Caption", "Captioner", "collect_images", "image_suffixes", "pick_contract", "pick_device", "pick_image_size", "unique_stem"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,12 @@ class Captioner:
     @classmethod
     def from_checkpoint(cls, path: str | Path, decoding: CaptionDecoder | None = None, device: str = "auto",
                         image_size: int | None = None) -> Captioner:
-        """The checkpoint alone: model, vocabulary, and the image size and pixel limit it was trained with."""
+        """The checkpoint alone: model, vocabulary, the image contract (size, mean, std, resize) and the pixel
+        limit it was trained with."""
         module, data = load_checkpoint(path)
-        size = pick_image_size(image_size, data, str(path))
-        return cls(module, ImagePipeline(size, max_pixels=data.get("max_image_pixels")), decoding, pick_device(device))
+        contract = pick_contract(module, image_size, data, str(path))
+        return cls(module, ImagePipeline(contract, max_pixels=data.get("max_image_pixels")), decoding,
+                   pick_device(device))
 
     @property
     def has_attention(self) -> bool:
@@ -140,6 +143,17 @@ def collect_images(images: Any) -> list[Path]:
         else:
             log.warning("Skipped %s: no such file or folder.", path)
     return list(dict.fromkeys(files))
+
+
+def pick_contract(module: CaptioningModule, image_size: int | None, saved: dict[str, Any],
+                  ckpt_path: str) -> ImageContract:
+    """The checkpoint's image contract (its encoder's declared input at the trained size), at ``image_size`` when
+    one is given. Checkpoints from before encoders declared their input: ImageNet's statistics, the whole image
+    resized, at the DataModule's saved size."""
+    contract = module.image_contract
+    if contract is None:
+        return ImageContract(size=pick_image_size(image_size, saved, ckpt_path))
+    return contract.at(pick_image_size(image_size, {"image_size": contract.size}, ckpt_path))
 
 
 def pick_image_size(configured: int | None, saved: dict[str, Any], ckpt_path: str) -> int:

@@ -21,6 +21,7 @@ from .metrics import CaptionScorer, DecodedCaptions, GroundedScorer, StageResult
 from .models import CaptioningRNN
 from .models.decoding import CaptionDecoder, Decoded
 from .objectives import Objective
+from .runtime import ImageContract
 
 __all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint"]
 
@@ -113,6 +114,7 @@ class CaptioningModule(L.LightningModule):
             }
         )
         self.nonfinite_steps = 0
+        self._image_contract: ImageContract | None = None  # the checkpoint's (on_load_checkpoint)
         self._drop_gradients = False  # set by a skipped step, read by on_before_optimizer_step
         self.hparams.encoder = settle_encoder(self.hparams.encoder, self.hparams.decoder)
         self.encoder: nn.Module = instantiate(self.hparams.encoder)
@@ -185,10 +187,25 @@ class CaptioningModule(L.LightningModule):
             # which DataModule the saved datamodule_hyper_parameters belong to: eval.py and caption.py rebuild
             # the data from the checkpoint alone (data=coco runs need no data=coco to be evaluated)
             checkpoint["datamodule_target"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+        contract = self.image_contract
+        if contract is not None:
+            checkpoint["image_contract"] = contract.as_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_format(checkpoint)
         self._check_fits(checkpoint)
+        if checkpoint.get("image_contract"):
+            self._image_contract = ImageContract.from_dict(checkpoint["image_contract"])
+
+    @property
+    def image_contract(self) -> ImageContract | None:
+        """How images reach the model: the encoder's declared input at the size the data resized to — the
+        checkpoint's once loaded (caption.py, the demo and the export read it); None when neither is known."""
+        if self._image_contract is not None:
+            return self._image_contract
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        pipeline = getattr(datamodule, "image_pipeline", None)
+        return pipeline().contract if pipeline is not None else None
 
     def start_from(self, path: str | Path) -> None:
         """Take the weights (and vocabulary) of another run's checkpoint, nothing else: the optimizer, the

@@ -17,6 +17,11 @@ The encoder graph maps images (N, 3, S, S) to the decoder's initial state; the s
 fed (N,) and the state to the next word's log-probabilities (N, V) and the next state (the hand-written
 cell inside). The loops below — greedy decoding, and beam search that keeps the greedy hypothesis in the
 beam — are the same algorithms as ``captioning.models.decoding``, so the captions are the same.
+
+The file is also where the package reads images: :class:`ImageContract` (the input an encoder declares: size,
+mean, std, interpolation, crop), :func:`to_rgb` (any PIL mode to 8-bit RGB) and :func:`resize` are what
+training's ``ImagePipeline`` runs, so an exported folder reads a file exactly as training did — one
+implementation, copied along.
 """
 
 from __future__ import annotations
@@ -24,11 +29,126 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ExportedCaptioner"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ExportedCaptioner", "ImageContract", "resize", "to_rgb"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Where transparent pixels show: white, as image viewers and browsers show them.
+ALPHA_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+@dataclass(frozen=True)
+class ImageContract:
+    """The input an encoder expects — declared by the encoder, stored in the checkpoint, obeyed by every edge
+    (training and evaluation transforms, caption.py, the demo, the feature-cache key, the export).
+
+    Args:
+        size: S, the side of the square the model sees; None for an encoder trained from scratch, which takes
+            any size (the data then chooses: ``data.image_size``).
+        mean, std: per-channel normalisation of pixels in [0, 1] (ImageNet's; CLIP's for CLIP towers).
+        interpolation: the resampling filter, ``"bilinear"``, ``"bicubic"`` or ``"nearest"`` (PIL's, antialiased).
+        crop_pct: None resizes the whole image to S x S (every object stays in view, so every reference stays
+            true); a fraction resizes the shorter side to S / crop_pct and takes the centre S x S, as timm and
+            CLIP evaluate ImageNet.
+    """
+
+    size: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
+            raise ValueError(f"image contract: size must be a positive integer or None, got {self.size!r}.")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"image contract: mean and std need 3 values each, std > 0; got {self.mean}, {self.std}.")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"image contract: interpolation {self.interpolation!r} is not one of "
+                             f"{', '.join(INTERPOLATIONS)}.")
+        if self.crop_pct is not None and not 0.2 <= float(self.crop_pct) <= 1.0:
+            raise ValueError(f"image contract: crop_pct must be in [0.2, 1] or None, got {self.crop_pct!r}.")
+
+    def at(self, size: int) -> ImageContract:
+        """The same contract at side ``size`` (the data's choice for an encoder that takes any size)."""
+        return replace(self, size=int(size))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImageContract:
+        known = {k: values[k] for k in ("size", "mean", "std", "interpolation", "crop_pct") if k in values}
+        return cls(**known)
+
+
+def to_rgb(image):
+    """Any PIL mode -> 8-bit RGB that looks like the image.
+
+    Plain ``convert("RGB")`` is wrong for two families: 16/32-bit greyscale (it clips at 255, so a 16-bit PNG
+    comes out nearly white) is rescaled to 8 bits instead; and images with transparency (RGBA, LA, palette +
+    transparency) are composited over a white background instead of showing whatever colour the invisible
+    pixels happen to hold. CMYK, YCbCr, greyscale and palettes convert as PIL converts them.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = float(values.max(initial=0.0))
+        if mode in _SIXTEEN_BIT_MODES or (mode == "I" and 255 < peak <= 65535):
+            scale = 65535.0
+        elif mode == "F" and peak <= 1.0:
+            scale = 1.0
+        else:
+            scale = max(peak, 255.0) if mode == "I" else max(peak, 1e-12)
+        grey = np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P" and "transparency" in image.info or mode == "PA":
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize(image, contract: ImageContract):
+    """An RGB PIL image -> the S x S image the contract says (``contract.size`` must be set): the whole image
+    resized, or with ``crop_pct`` the shorter side to S / crop_pct and the centre S x S."""
+    from PIL import Image
+
+    size = contract.size
+    if size is None:
+        raise ValueError("image contract: no size to resize to (the data sets it: ImageContract.at(size)).")
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[contract.interpolation]
+    width, height = image.size
+    if contract.crop_pct is None:
+        return image if (width, height) == (size, size) else image.resize((size, size), resample)
+    short = int(size / contract.crop_pct)  # timm's rounding (floor)
+    scaled = (short, max(short, round(height * short / width))) if width <= height else \
+        (max(short, round(width * short / height)), short)
+    if scaled != (width, height):
+        image = image.resize(scaled, resample)
+    left, top = (scaled[0] - size) // 2, (scaled[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def normalize(pixels: np.ndarray, contract: ImageContract) -> np.ndarray:
+    """uint8 (..., 3, S, S) -> float32 in [0, 1], normalised with the contract's mean and std."""
+    mean = np.asarray(contract.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(contract.std, dtype=np.float32).reshape(3, 1, 1)
+    return (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
 class _Session:
@@ -81,6 +201,9 @@ class ExportedCaptioner:
         self.state_names: list[str] = self.config["state"]  # what the encoder gives, in order
         self.carried: list[str] = self.config["carried"]  # what the step gives back, in order
         self.null_id, self.start_id, self.end_id = (self.config[k] for k in ("null_id", "start_id", "end_id"))
+        # exports before the contract was recorded: size, mean, std at the top level, the whole image bilinear
+        self.contract = ImageContract.from_dict(self.config["image"]) if "image" in self.config else ImageContract(
+            self.config["image_size"], tuple(self.config["mean"]), tuple(self.config["std"]))
         # classifier-free guidance: every step also scores the words without an image (the state in prior.npz)
         self.guidance = float(self.config.get("guidance", 0.0))
         self.prior: dict[str, np.ndarray] = {}
@@ -90,27 +213,18 @@ class ExportedCaptioner:
 
     # ------------------------------------------------------------------------------------ images
     def preprocess(self, image) -> np.ndarray:
-        """A file or PIL image -> (3, S, S) float32 as training saw it: RGB (transparency over white),
-        resized to S x S, scaled to [0, 1] and normalised. (Resizing is PIL's bilinear filter; training used
-        torchvision's, which can differ in the last bits for images of another size than S.)"""
+        """A file or PIL image -> (3, S, S) float32 as training saw it: :func:`to_rgb`, :func:`resize` and the
+        normalisation of the contract in ``config.json``."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             with Image.open(image) as opened:
                 opened.load()
-                image = opened.copy()
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        image = image.convert("RGB")
-        size = self.config["image_size"]
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        mean = np.asarray(self.config["mean"], dtype=np.float32).reshape(3, 1, 1)
-        std = np.asarray(self.config["std"], dtype=np.float32).reshape(3, 1, 1)
-        return ((pixels - mean) / std).astype(np.float32)
+                image = to_rgb(opened)
+        else:
+            image = to_rgb(image)
+        pixels = np.asarray(resize(image, self.contract), dtype=np.uint8).transpose(2, 0, 1)
+        return normalize(pixels, self.contract)
 
     # ------------------------------------------------------------------------------------ graphs
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -60,9 +60,8 @@ from captioning.data.options import (
 )
 from captioning.data.sampling import TrainingPosition, training_position, training_sampler
 from captioning.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CaptionAugment,
+    ImageContract,
     ImagePipeline,
     auto_image_size,
 )
@@ -129,10 +128,11 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.image_size = image_size
         # built even when off, so a bad data.augmentation.* fails at once
-        self.augmentation = CaptionAugment(**(images.augmentation or {}), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.augmentation = CaptionAugment(**(images.augmentation or {}))
         self.split_source, self.restval = split_source, bool(restval)
         self.karpathy_file = Path(karpathy_file).expanduser() if karpathy_file else self.root / "dataset_coco.json"
         self._encoder: nn.Module | None = None
+        self._contract: ImageContract | None = None  # a checkpoint's, given by use_encoder
         self._features: FeatureCache | None = None
         self._feature_keys: dict[str, tuple[CaptionSplit, dict[str, Any]]] = {}
         self._vocab: Vocabulary | None = None
@@ -288,11 +288,14 @@ class CocoCaptionsDataModule(L.LightningDataModule):
             stage or "", ["train", "val"] + (["test"] if self.splits["test"] else []))
 
     # ------------------------------------------------------------------ encoder: image size, feature cache
-    def use_encoder(self, encoder: nn.Module) -> None:
-        """The encoder that will see the images: ``image_size="auto"`` follows it (its ``input_size`` when
-        pretrained, its ``downsampling``), and with ``feature_cache`` its frozen features are what the cache
-        stores. Call before ``prepare_data`` / ``trainer.fit`` (train.py does)."""
+    def use_encoder(self, encoder: nn.Module, contract: ImageContract | None = None) -> None:
+        """The encoder that will see the images: images are read by the input it declares (its
+        ``image_contract``: mean, std, interpolation, crop; ``contract`` instead when given — a checkpoint's), 
+        ``image_size="auto"`` follows it (its ``input_size`` when pretrained, its ``downsampling``), and with
+        ``feature_cache`` its frozen features are what the cache stores. Call before ``prepare_data`` /
+        ``trainer.fit`` (train.py and eval.py do)."""
         self._encoder = encoder
+        self._contract = contract
         self._features = None
         self._feature_keys.clear()
         if self.loader.feature_cache:
@@ -370,9 +373,17 @@ class CocoCaptionsDataModule(L.LightningDataModule):
                 return
         source.hold_in_memory(self.loader.progress and len(source) > 2000, f"decoding {self._split_name(role)} images")
 
+    def image_contract(self) -> ImageContract:
+        """The encoder's declared input (ImageNet's statistics and the whole image when no encoder was given) at
+        the size this DataModule resizes to."""
+        declared = self._contract or getattr(self._encoder, "image_contract", None) or ImageContract()
+        contract = declared.at(self.resolve_image_size())
+        self.augmentation.use_statistics(contract.mean, contract.std)
+        return contract
+
     def image_pipeline(self) -> ImagePipeline:
         """How this DataModule reads an image file (caption.py and the demo read theirs the same way)."""
-        return ImagePipeline(self.resolve_image_size(), max_pixels=self.images.max_image_pixels)
+        return ImagePipeline(self.image_contract(), max_pixels=self.images.max_image_pixels)
 
     def _build_features(self, role: str) -> FeatureStore:
         key, split = self.feature_key(role), self._load_split(role)

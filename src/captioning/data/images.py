@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The RGB rules live with the exported runtime, so an export reads files as training does (one implementation).
+from captioning.runtime import to_rgb
+
 __all__ = ["BadImage", "BadImageError", "BadImageLog", "BadImageWarning", "load_image", "to_rgb"]
 
 ON_BAD_IMAGE = ("skip", "fail")
-# Where transparent pixels show: white, as image viewers and browsers show them.
-ALPHA_BACKGROUND = (255, 255, 255)
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class BadImageError(ValueError):
@@ -48,35 +48,6 @@ class BadImage:
 
     def __repr__(self) -> str:
         return f"BadImage({self.path!r}, {self.reason!r})"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB that looks like the image.
-
-    Plain ``convert("RGB")`` is wrong for two families: 16/32-bit greyscale (it clips at 255, so a
-    16-bit PNG comes out nearly white) is rescaled to 8 bits instead; and images with transparency
-    (RGBA, LA, palette + transparency) are composited over a white background instead of showing
-    whatever colour the invisible pixels happen to hold.
-    """
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = float(values.max(initial=0.0))
-        if mode in _SIXTEEN_BIT_MODES or (mode == "I" and 255 < peak <= 65535):
-            scale = 65535.0
-        elif mode == "F" and peak <= 1.0:
-            scale = 1.0
-        else:
-            scale = max(peak, 255.0) if mode == "I" else max(peak, 1e-12)
-        grey = np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "P" and "transparency" in image.info or mode == "PA":
-        image, mode = image.convert("RGBA"), "RGBA"
-    if mode in ("RGBA", "LA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:

@@ -1,10 +1,10 @@
 """How an image file becomes the tensor a model sees — one pipeline for training, evaluation, captioning
 and the demo, so that the same file always gives the same tensor.
 
-:class:`ImagePipeline` = :func:`~captioning.data.images.load_image` (any mode to RGB: transparency over
-white, 16-bit rescaled, CMYK and greyscale converted; a decompression-bomb guard) then
-:func:`image_transform` (resize to S x S, scale to [0, 1], normalise with ImageNet's mean and std: what
-torchvision's pretrained weights expect, and what the small CNN trained from scratch learns on too).
+:class:`ImagePipeline` follows an :class:`~captioning.runtime.ImageContract` — the input the encoder declares
+(size, mean, std, interpolation, crop): :func:`~captioning.data.images.load_image` (any mode to RGB: transparency
+over white, 16-bit rescaled, CMYK and greyscale converted; a decompression-bomb guard), the contract's resize
+(PIL's filters, as the exported ``run.py`` resizes), then scale to [0, 1] and normalise with its mean and std.
 :class:`CaptionAugment` augments training batches so that their captions stay true.
 """
 
@@ -21,15 +21,15 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from captioning.data.images import load_image
+from captioning.runtime import IMAGENET_MEAN, IMAGENET_STD, ImageContract, resize
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CaptionAugment", "ImagePipeline", "auto_image_size", "image_transform"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CaptionAugment", "ImageContract", "ImagePipeline", "auto_image_size",
+           "image_transform"]
 
 
 def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB -> FloatTensor (3, S, S), ImageNet-normalised: torchvision's form of :class:`ImagePipeline`'s steps."""
+    """PIL RGB -> FloatTensor (3, S, S), ImageNet-normalised, with torchvision's transforms (for comparisons:
+    :class:`ImagePipeline` resizes with PIL's filter, which can differ from torchvision's in the last bit)."""
     return v2.Compose([
         v2.ToImage(),
         v2.Resize((image_size, image_size), antialias=True),
@@ -41,49 +41,53 @@ def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 class ImagePipeline:
     """An image file -> (3, S, S) float tensor, as every entry point reads images.
 
-    The steps are spelled out with torchvision's functional ops — decode to uint8, resize, scale to [0, 1],
-    normalise — the same kernels :func:`image_transform` runs, so the tensors are equal to its, without its
-    per-call overhead; :meth:`stored` and :meth:`finish` split them so that a DataModule holding a small set's
-    images in memory keeps them decoded and resized (uint8) and only finishes them per sample. Training
-    augmentation is not here: it works on whole batches (:class:`CaptionAugment`).
+    Decode to RGB, resize by the contract (:func:`captioning.runtime.resize`, the exported runtime's own), scale to
+    [0, 1] and normalise with the contract's mean and std. :meth:`stored` and :meth:`finish` split the steps so
+    that a DataModule holding a small set's images in memory keeps them decoded and resized (uint8) and only
+    finishes them per sample. Training augmentation is not here: it works on whole batches (:class:`CaptionAugment`).
 
     Args:
-        image_size: S, the side images are resized to (the DataModule's ``image_size``).
+        contract: the encoder's :class:`~captioning.runtime.ImageContract` with its size set, or a side S for
+            ImageNet's statistics and the whole image resized bilinearly (what every encoder used before encoders
+            declared their input).
         max_pixels: refuse larger images (decompression bombs); None = PIL's limit.
     """
 
-    def __init__(self, image_size: int, max_pixels: int | None = None) -> None:
-        self.image_size, self.max_pixels = image_size, max_pixels
-        self.transform = image_transform(image_size)
+    def __init__(self, contract: ImageContract | int, max_pixels: int | None = None) -> None:
+        if not isinstance(contract, ImageContract):
+            contract = ImageContract(size=int(contract))
+        if contract.size is None:
+            raise ValueError("ImagePipeline needs a contract with a size: ImageContract.at(data.image_size).")
+        self.contract, self.max_pixels = contract, max_pixels
+        self.image_size = contract.size
+        self._mean, self._std = list(contract.mean), list(contract.std)
 
     def load(self, path: str | Path) -> Image.Image:
         """The file as RGB; FileNotFoundError or BadImageError (a ValueError naming the file) if it cannot be."""
         return load_image(path, self.max_pixels)
 
     def stored(self, image: Image.Image) -> torch.Tensor:
-        """What a cache of this pipeline's inputs holds: the image as uint8 (3, S, S)."""
-        return self._resize(F.pil_to_tensor(image))
-
-    def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
-        if tuple(pixels.shape[-2:]) == (self.image_size, self.image_size):
-            return pixels  # what Resize does with an image of the size already
-        return F.resize(pixels, [self.image_size, self.image_size], antialias=True)
+        """What a cache of this pipeline's inputs holds: the image resized, as uint8 (3, S, S)."""
+        return F.pil_to_tensor(resize(image, self.contract))
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, S, S) -> float32 in [0, 1], ImageNet-normalised."""
-        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+        """uint8 (3, S, S) -> float32 in [0, 1], normalised with the contract's mean and std."""
+        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), self._mean, self._std)
 
     def __call__(self, image: str | Path | Image.Image | torch.Tensor) -> torch.Tensor:
         """A file, an RGB image loaded with :meth:`load`, or :meth:`stored`'s tensor -> (3, S, S)."""
-        if not isinstance(image, Image.Image | torch.Tensor):
+        if isinstance(image, torch.Tensor):
+            if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
+                raise ValueError(f"ImagePipeline: a tensor must be stored()'s (3, {self.image_size}, "
+                                 f"{self.image_size}) uint8 image, got shape {tuple(image.shape)}.")
+            return self.finish(image)
+        if not isinstance(image, Image.Image):
             image = self.load(image)
-        pixels = image if isinstance(image, torch.Tensor) else F.pil_to_tensor(image)
-        return self.finish(self._resize(pixels))
+        return self.finish(self.stored(image))
 
     def __repr__(self) -> str:
-        # Feature caches are keyed on this string; "augment=False" stays in it (the pipeline once held the
-        # training augmentation) so that caches built before keep their key.
-        return f"ImagePipeline(image_size={self.image_size}, augment=False, transform={self.transform!r})"
+        # Feature caches are keyed on this string: every field of the contract is in it.
+        return f"ImagePipeline({self.contract!r})"
 
 
 class CaptionAugment:
@@ -129,6 +133,10 @@ class CaptionAugment:
         self.swaps: tuple[tuple[str, str], ...] = tuple(pairs)  # type: ignore[assignment]
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self._swap_ids: torch.Tensor | None = None
+
+    def use_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The normalisation the batches arrive with (the encoder's contract): photometry undoes and redoes it."""
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def bind(self, word_to_idx: dict[str, int]) -> None:
         """The vocabulary's word ids: a flip maps each id through this table (the swapped words exchanged)."""
