@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,sweeps,demo,export,plots,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,sweeps,demo,export,plots,hf,timm,clip]"
 	touch $@
 
 install: $(VENV)/.installed

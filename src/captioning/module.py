@@ -368,15 +368,29 @@ class CaptioningModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
 
+    def _encoder_groups(self) -> list[dict[str, Any]]:
+        """The trainable encoder's parameter groups: one at ``encoder_lr`` (None: the optimizer's), or with the
+        encoder's layer-wise decay (``lr_scales``) one per depth, at that rate times the depth's factor."""
+        named = [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+        if not named:
+            return []
+        base = self.hparams.encoder_lr
+        scales = self.encoder.lr_scales() if hasattr(self.encoder, "lr_scales") else {}
+        if not scales:
+            return [{"params": [p for _, p in named], "name": "encoder", **({"lr": base} if base is not None else {})}]
+        base = base if base is not None else (self.hparams.optimizer or {}).get("lr")
+        if base is None:
+            raise ValueError("encoder.layer_decay needs a learning rate to scale: set module.encoder_lr or the "
+                             "optimizer's lr.")
+        by_scale: dict[float, list[Tensor]] = {}
+        for name, param in named:
+            by_scale.setdefault(scales.get(name, 1.0), []).append(param)
+        return [{"params": params, "name": f"encoder@{scale:.3g}", "lr": base * scale}
+                for scale, params in sorted(by_scale.items())]
+
     def configure_optimizers(self) -> Any:
         decoder_params = [p for p in self.decoder.parameters() if p.requires_grad]
-        encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
-        groups = [{"params": decoder_params, "name": "decoder"}]
-        if encoder_params:
-            group = {"params": encoder_params, "name": "encoder"}
-            if self.hparams.encoder_lr is not None:
-                group["lr"] = self.hparams.encoder_lr
-            groups.append(group)
+        groups = [{"params": decoder_params, "name": "decoder"}, *self._encoder_groups()]
         optimizer = instantiate(self.hparams.optimizer)(groups)
         if not self.hparams.scheduler:
             return optimizer

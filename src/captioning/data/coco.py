@@ -290,7 +290,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ encoder: image size, feature cache
     def use_encoder(self, encoder: nn.Module, contract: ImageContract | None = None) -> None:
         """The encoder that will see the images: images are read by the input it declares (its
-        ``image_contract``: mean, std, interpolation, crop; ``contract`` instead when given — a checkpoint's), 
+        ``image_contract``: mean, std, interpolation, crop; ``contract`` instead when given — a checkpoint's),
         ``image_size="auto"`` follows it (its ``input_size`` when pretrained, its ``downsampling``), and with
         ``feature_cache`` its frozen features are what the cache stores. Call before ``prepare_data`` /
         ``trainer.fit`` (train.py and eval.py do)."""

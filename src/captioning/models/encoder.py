@@ -1,13 +1,16 @@
 """Image encoders: images (N, 3, S, S) -> feature map (N, D, h, w).
 
-Every encoder returns a spatial map, never a pooled vector: the attention decoder attends over the h*w
-positions and the vanilla decoders pool the map themselves. Images arrive normalised with ImageNet's mean
-and std (``captioning.data.transforms``): what torchvision's pretrained weights expect, and what the small
-CNN trained from scratch learns on as well. Each encoder exposes
+Every encoder here returns a spatial map, never a pooled vector: the attention decoder attends over the h*w
+positions and the vanilla decoders pool the map themselves. Each encoder declares its input
+(``image_contract``: size, mean, std, interpolation, crop — what its weights were trained on; ImageNet's for
+the small CNN trained from scratch), and the data, the checkpoint and the export read images by it. Each exposes
 
 - ``out_dim``: D, the number of channels of the map;
 - ``frozen``: True when its parameters are fixed (no gradients, BatchNorm statistics kept);
-- ``cache_key``: a string that changes whenever the features it computes would (for feature caches).
+- ``cache_key``: a string that changes whenever the features it computes would (for feature caches);
+- ``image_contract``: the :class:`~captioning.runtime.ImageContract` it expects (size None: any).
+
+timm's backbones and open_clip's CLIP towers are in :mod:`captioning.models.hub_encoders`.
 
 Hydra instantiates the classes directly through ``_target_``.
 """
@@ -26,6 +29,7 @@ import torchvision
 from torch import Tensor, nn
 
 from captioning.io import reachable
+from captioning.runtime import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ImageContract
 
 
 class SmallCNN(nn.Module):
@@ -108,6 +112,11 @@ class SmallCNN(nn.Module):
         return False
 
     @property
+    def image_contract(self) -> ImageContract:
+        """Trained from scratch: any size (the data's), ImageNet's statistics, the whole image resized."""
+        return ImageContract()
+
+    @property
     def cache_key(self) -> str:
         # A from-scratch encoder trains with the captioner, so its features are never cacheable by name.
         return f"small_cnn|id{id(self)}"
@@ -159,7 +168,7 @@ def _coordinate_channels(images: Tensor) -> Tensor:
     return torch.stack([grid_x, grid_y]).expand(n, 2, h, w)
 
 
-# Which children of each torchvision family make up the convolutional trunk, and which head modules to keep
+# Which children of each torchvision family make up the trunk, and which head modules to keep
 # as its last layer (ConvNeXt's final LayerNorm2d belongs to the representation, not the classifier).
 # Keeping torchvision's child names means the trunk's state_dict keys are the classification model's own.
 _FAMILIES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
@@ -171,6 +180,9 @@ _FAMILIES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     "resnext": (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), ()),
     "wide_resnet": (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), ()),
     "regnet_": (("stem", "trunk_output"), ()),
+    # transformers: the patch tokens laid out on their grid (TorchvisionEncoder._tokens_to_grid)
+    "swin_": (("features", "norm"), ()),
+    "vit_": ((), ()),
 }
 
 
@@ -185,12 +197,17 @@ def _family(name: str) -> str | None:
 
 
 class TorchvisionEncoder(nn.Module):
-    """The convolutional trunk of a torchvision classification model (classifier and global pool dropped).
+    """The trunk of a torchvision classification model (classifier and global pool dropped), as a feature map.
+
+    Vision transformers give tokens, not a map: ViT's patch tokens (the class token dropped) and Swin's last stage
+    are laid out on their (h, w) grid, so the attention decoder attends over patches. ViTs take only the size
+    their position embeddings were made for (224; ``vit_h_14``'s SWAG weights 518), which :attr:`image_contract`
+    declares; ``data.image_size=auto`` follows it.
 
     Args:
         name: a torchvision model name, see ``supported_backbones()``: mobilenet_v2, mobilenet_v3_{small,large},
             efficientnet_b0..b7 / efficientnet_v2_{s,m,l}, convnext_{tiny,small,base,large}, resnet18..152,
-            resnext*, wide_resnet*, regnet_{x,y}_*.
+            resnext*, wide_resnet*, regnet_{x,y}_*, vit_{b,l}_{16,32}, vit_h_14, swin_{t,s,b}, swin_v2_{t,s,b}.
         weights: None (random init); a torchvision weights name — "DEFAULT", "IMAGENET1K_V1" or the full
             "ResNet50_Weights.IMAGENET1K_V2"; or the path of a local ``.pth``/``.pt`` state_dict of the
             classification model (plain, or nested under "state_dict"/"model"; a "module." prefix is
@@ -204,6 +221,9 @@ class TorchvisionEncoder(nn.Module):
         download: whether to download named weights missing from the cache. The download is only tried when
             the weights host answers within ``download_timeout`` seconds, so an offline machine fails at once
             with a message naming the file to place, instead of hanging.
+        crop: read images as torchvision's evaluation transform of the weights does (the shorter side to the
+            resize size, the centre crop); off by default: the whole image resized, so nothing a reference names is
+            cut off. Mean, std and interpolation always follow the weights (``weights.transforms()``).
     """
 
     def __init__(
@@ -215,14 +235,15 @@ class TorchvisionEncoder(nn.Module):
         cache_dir: str | os.PathLike | None = None,
         download: bool = True,
         download_timeout: float = 3.0,
+        crop: bool = False,
     ) -> None:
         super().__init__()
         family = _family(name)
         if family is None or name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(
                 f"encoder name {name!r} is not a supported torchvision backbone. Use one of: "
-                f"{', '.join(supported_backbones())}. (Vision transformers and other non-convolutional "
-                f"models are not supported: the decoder needs a feature map.)"
+                f"{', '.join(supported_backbones())}; timm's backbones (encoder=timm) and CLIP towers "
+                f"(encoder=open_clip) are the other encoders."
             )
         if spatial_size is not None and spatial_size <= 0:
             raise ValueError(f"encoder spatial_size must be a positive int or null; got {spatial_size}.")
@@ -230,16 +251,20 @@ class TorchvisionEncoder(nn.Module):
         self.name = name
         self.spatial_size = spatial_size
         model = torchvision.models.get_model(name, weights=None)
-        self.trunk, head_keys = _split_trunk(model, family)
+        self.family = family
         self.out_dim = _head_in_features(model, name)
+        self.trunk, head_keys = _split_trunk(model, family)
         self.pool: nn.Module = nn.AdaptiveAvgPool2d(spatial_size) if spatial_size else nn.Identity()
         self._weights_id = "random"
         # the size the pretrained weights saw (data.image_size=auto uses it); None for random initialisation
-        self.input_size: int | None = None
-        self.downsampling = 32
+        # (a ViT's position embeddings fix it either way)
+        self.input_size: int | None = int(model.image_size) if family == "vit_" else None
+        self.downsampling = int(model.patch_size) if family == "vit_" else 32
+        self._contract = ImageContract(size=self.input_size)
 
         if weights is not None:
             self.input_size = _pretrained_size(name, weights)
+            self._contract = _declared_input(name, weights, self.input_size, crop)
             state_dict, source, self._weights_id = _resolve_weights(
                 name, weights, cache_dir, download, download_timeout
             )
@@ -255,6 +280,11 @@ class TorchvisionEncoder(nn.Module):
         return self._frozen
 
     @property
+    def image_contract(self) -> ImageContract:
+        """The input the weights expect (``weights.transforms()``: size, mean, std, interpolation, crop)."""
+        return self._contract
+
+    @property
     def cache_key(self) -> str:
         if not self._frozen:
             return f"{self.name}|trainable|id{id(self)}"
@@ -267,13 +297,31 @@ class TorchvisionEncoder(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> Tensor:
-        """images (N, 3, S, S), ImageNet-normalised -> feature map (N, out_dim, h, w)."""
-        return self.pool(self.trunk(images))
+        """images (N, 3, S, S), normalised by :attr:`image_contract` -> feature map (N, out_dim, h, w)."""
+        if self.family == "vit_":
+            return self.pool(self._vit_grid(images))
+        features = self.trunk(images)
+        if self.family == "swin_":  # (N, h, w, D), layer-normed over D
+            features = features.permute(0, 3, 1, 2)
+        return self.pool(features)
+
+    def _vit_grid(self, images: Tensor) -> Tensor:
+        """images (N, 3, S, S) -> the patch tokens of the last block, normed, on their grid (N, D, S/p, S/p)."""
+        vit = self.trunk
+        tokens = vit._process_input(images)  # (N, L, D), checks the size
+        n = tokens.shape[0]
+        tokens = vit.encoder(torch.cat([vit.class_token.expand(n, -1, -1), tokens], dim=1))[:, 1:]
+        side = images.shape[-1] // self.downsampling
+        return tokens.transpose(1, 2).reshape(n, -1, images.shape[-2] // self.downsampling, side)
 
 
 def _split_trunk(model: nn.Module, family: str) -> tuple[nn.Sequential, set[str]]:
     """The trunk as an nn.Sequential named like the model's children, and the model's other state keys."""
     children, kept_head = _FAMILIES[family]
+    if family == "vit_":  # a class token and position embeddings beside the blocks: the model, its heads dropped
+        full = set(model.state_dict())
+        model.heads = nn.Sequential()
+        return model, full - set(model.state_dict())
     parts: OrderedDict[str, nn.Module] = OrderedDict((c, getattr(model, c)) for c in children)
     if kept_head:
         # Same index as in model.classifier, so the key stays e.g. "classifier.0.weight".
@@ -286,7 +334,7 @@ def _split_trunk(model: nn.Module, family: str) -> tuple[nn.Sequential, set[str]
 
 def _head_in_features(model: nn.Module, name: str) -> int:
     """The channel count of the trunk's output: what the classifier's first Linear takes in."""
-    head = model.fc if hasattr(model, "fc") else model.classifier
+    head = next(getattr(model, n) for n in ("fc", "classifier", "heads", "head") if hasattr(model, n))
     linear = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
     if linear is None:  # pragma: no cover - every supported family has a Linear head
         raise ValueError(f"cannot find the classifier of torchvision model {name!r} to size its features.")
@@ -331,6 +379,21 @@ def _pretrained_size(name: str, weights: str | os.PathLike) -> int:
         return 224
     crop = getattr(_weights_entry(name, text).transforms(), "crop_size", [224])
     return int(crop[0] if isinstance(crop, list | tuple) else crop)
+
+
+def _declared_input(name: str, weights: str | os.PathLike, size: int, crop: bool) -> ImageContract:
+    """The input torchvision's preprocessing of these weights declares; ImageNet's for a local file."""
+    text = os.fspath(weights)
+    if _looks_like_path(text):
+        return ImageContract(size=size)
+    preprocess = _weights_entry(name, text).transforms()
+    resize = getattr(preprocess, "resize_size", [size])
+    resize = int(resize[0] if isinstance(resize, list | tuple) else resize)
+    interpolation = getattr(getattr(preprocess, "interpolation", None), "value", "bilinear")
+    return ImageContract(size=size, mean=tuple(getattr(preprocess, "mean", IMAGENET_MEAN)),
+                         std=tuple(getattr(preprocess, "std", IMAGENET_STD)),
+                         interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
+                         crop_pct=min(1.0, size / resize) if crop else None)
 
 
 def _looks_like_path(text: str) -> bool:
