@@ -12,8 +12,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_core", "bench_decoding", "bench_metrics", "bench_data", "bench_scst", "bench_loop", "bench_export",
-           "bench_setup")
-COMMON = ("bench_core", "bench_decoding", "bench_data", "bench_scst", "bench_export")  # the scripts built on benchmarks/common.py
+           "bench_setup", "bench_encoders")
+COMMON = ("bench_core", "bench_decoding", "bench_data", "bench_scst", "bench_export", "bench_encoders")  # the scripts built on benchmarks/common.py
 
 
 def main(argv: list[str]) -> int:

@@ -246,3 +246,26 @@ def test_a_vit_trained_through_train_py_carries_its_contract_to_every_edge(tmp_p
         np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6, err_msg=path.name)
     texts = [caption.text for _, _, caption in captioner.caption_files(files)]
     assert [text for text, _ in exported.caption_files([str(p) for p in files])] == texts
+
+
+def test_a_frozen_vits_features_are_cached_as_its_contract_reads_the_images(tiny_shapes_root, tmp_path):
+    """data.feature_cache with a frozen timm ViT: the cached grids are the encoder's on the images read by its
+    contract (its mean, not ImageNet's)."""
+    from captioning.data.coco import CocoCaptionsDataModule
+    from captioning.data.features import FeatureStore
+
+    encoder = TimmEncoder(VIT, model_args={"img_size": 32, "depth": 1}).eval()
+    dm = CocoCaptionsDataModule(str(tiny_shapes_root), year="2017", image_size=32, num_workers=0, progress=False,
+                                feature_cache=True, feature_dtype="float32", cache_dir=str(tmp_path / "features"),
+                                vocab_path=str(tmp_path / "vocab.json"), min_word_count=1)
+    dm.use_encoder(encoder)
+    dm.prepare_data()
+    dm.setup("fit")
+    split = dm.datasets["train"].split
+    store = FeatureStore(dm.feature_directory("train"))
+    pipeline = dm.image_pipeline()
+    assert pipeline.contract.mean == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        expected = encoder(torch.stack([pipeline(p) for p in split.image_paths]))
+    assert store.features.shape == (len(split.image_paths), 192, 2, 2)
+    torch.testing.assert_close(torch.from_numpy(np.array(store.features)), expected, rtol=1e-4, atol=1e-4)
