@@ -38,6 +38,7 @@ def decoder_loss(encoder, images, cell_type):
     (VIT, {"model_args": {"img_size": 64}}, 64, (2, 192, 4, 4)),  # patch 16: a 4 x 4 grid of patch tokens
     (VIT, {"model_args": {"img_size": 64}, "pooled": "cls"}, 64, (2, 192)),
     (VIT, {"model_args": {"img_size": 64}, "pooled": "mean"}, 64, (2, 192)),
+    (VIT, {"model_args": {"img_size": 64}, "spatial_size": 2}, 64, (2, 192, 2, 2)),
     ("swin_tiny_patch4_window7_224", {}, 224, (2, 768, 7, 7)),
     ("resnet18", {}, 64, (2, 512, 2, 2)),
     ("convnext_atto", {}, 64, (2, 320, 2, 2)),

@@ -65,7 +65,11 @@ class _HubEncoder(nn.Module):
     layer-wise learning-rate scales, the cache key and the pooled output."""
 
     def _setup(self, model: nn.Module, layers: dict[str, int], freeze: bool, trainable_blocks: int,
-               layer_decay: float | None, pooled: str | None, identity: str) -> None:
+               layer_decay: float | None, pooled: str | None, spatial_size: int | None, identity: str) -> None:
+        if spatial_size is not None and (isinstance(spatial_size, bool) or not isinstance(spatial_size, int)
+                                         or spatial_size < 1):
+            raise ValueError(f"encoder.spatial_size must be a positive integer or null, got {spatial_size!r}.")
+        self.spatial_size = spatial_size
         if pooled not in POOLED:
             raise ValueError(f"encoder.pooled={pooled!r} is not null (the patch grid), cls or mean.")
         if isinstance(trainable_blocks, bool) or not isinstance(trainable_blocks, int) or trainable_blocks < 0:
@@ -94,7 +98,7 @@ class _HubEncoder(nn.Module):
     def cache_key(self) -> str:
         if not self._frozen:
             return f"{self._identity}|trainable|id{id(self)}"
-        return f"{self._identity}|pooled{self.pooled}"
+        return f"{self._identity}|pooled{self.pooled}|grid{self.spatial_size}"
 
     def train(self, mode: bool = True) -> _HubEncoder:
         super().train(mode)
@@ -116,7 +120,7 @@ class _HubEncoder(nn.Module):
             return cls
         if self.pooled == "mean":
             return grid.mean(dim=(2, 3))
-        return grid
+        return nn.functional.adaptive_avg_pool2d(grid, self.spatial_size) if self.spatial_size else grid
 
 
 class TimmEncoder(_HubEncoder):
@@ -135,6 +139,7 @@ class TimmEncoder(_HubEncoder):
             top`` (0.65-0.85 is usual for ViTs).
         pooled: null (the (h, w) grid of patch tokens or the CNN's last map), ``cls`` (the class token: ViT-like
             models only) or ``mean`` — the last two a vector (N, D) for rnn / lstm.
+        spatial_size: average-pool the grid to (s, s) positions (null: the model's own, 14 x 14 for a ViT-B/16).
         crop: evaluate like timm (the shorter side to S / crop_pct, the centre crop). Off by default: a caption
             names what is in the whole image, and a crop can cut off what a reference names.
         pretrained_cfg_overlay: timm's overlay of the preprocessing config (``mean``, ``std``, ``input_size``...).
@@ -143,7 +148,7 @@ class TimmEncoder(_HubEncoder):
 
     def __init__(self, name: str = "vit_small_patch16_224", weights: str | None = None, freeze: bool = True,
                  trainable_blocks: int = 0, layer_decay: float | None = None, pooled: str | None = None,
-                 crop: bool = False, pretrained_cfg_overlay: dict[str, Any] | None = None,
+                 spatial_size: int | None = None, crop: bool = False, pretrained_cfg_overlay: dict[str, Any] | None = None,
                  model_args: dict[str, Any] | None = None) -> None:
         super().__init__()
         timm = _require("timm", "timm")
@@ -183,7 +188,7 @@ class TimmEncoder(_HubEncoder):
             config = {**config, "input_size": (3, *tuple(patches.img_size))}
         self._contract = _contract(config, native=weights is not None or fixed, crop=crop)
         weights_id = "random" if weights is None else (_file_identity(path) if path else f"hub:{name}")
-        self._setup(model, _timm_layers(timm, model), freeze, trainable_blocks, layer_decay, pooled,
+        self._setup(model, _timm_layers(timm, model), freeze, trainable_blocks, layer_decay, pooled, spatial_size,
                     f"timm:{name}|{weights_id}|{sorted(overlay.items())}")
 
     @property
@@ -210,14 +215,14 @@ class OpenClipEncoder(_HubEncoder):
         weights: null (random), a local checkpoint file of the whole CLIP model (``open_clip_pytorch_model.bin``,
             ``.safetensors``; open_clip converts OpenAI's and other layouts) or a pretrained tag (``laion2b_s34b_b79k``,
             ``openai``: downloaded where the hub is reachable).
-        freeze, trainable_blocks, layer_decay, pooled: as for :class:`TimmEncoder` (``pooled=mean``: the tokens'
-            mean, unprojected).
+        freeze, trainable_blocks, layer_decay, pooled, spatial_size: as for :class:`TimmEncoder` (``pooled=mean``:
+            the tokens' mean, unprojected).
         crop: the centre crop open_clip's preprocessing takes (its ``resize_mode``); off by default.
     """
 
     def __init__(self, name: str = "ViT-B-32", weights: str | None = None, freeze: bool = True,
                  trainable_blocks: int = 0, layer_decay: float | None = None, pooled: str | None = None,
-                 crop: bool = False) -> None:
+                 spatial_size: int | None = None, crop: bool = False) -> None:
         super().__init__()
         open_clip = _require("open_clip", "clip")
         if name not in open_clip.list_models():
@@ -250,7 +255,7 @@ class OpenClipEncoder(_HubEncoder):
             crop_pct=1.0 if crop and resize_mode != "squash" else None)
         layers = {f"{n}": _clip_layer(n, len(visual.transformer.resblocks)) for n, _ in visual.named_parameters()}
         weights_id = "random" if weights is None else (_file_identity(path) if path else f"tag:{weights}")
-        self._setup(visual, layers, freeze, trainable_blocks, layer_decay, pooled, f"open_clip:{name}|{weights_id}")
+        self._setup(visual, layers, freeze, trainable_blocks, layer_decay, pooled, spatial_size, f"open_clip:{name}|{weights_id}")
 
     @property
     def image_contract(self) -> ImageContract:
