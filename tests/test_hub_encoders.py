@@ -270,3 +270,15 @@ def test_a_frozen_vits_features_are_cached_as_its_contract_reads_the_images(tiny
         expected = encoder(torch.stack([pipeline(p) for p in split.image_paths]))
     assert store.features.shape == (len(split.image_paths), 192, 2, 2)
     torch.testing.assert_close(torch.from_numpy(np.array(store.features)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hub_weights_offline_fail_naming_what_to_do():
+    """The tests run with the hub offline (conftest): the library's error becomes one paragraph with the way out."""
+    with pytest.raises(ValueError, match=r"(?s)encoder=timm name='vit_tiny_patch16_224'.*hub.*encoder.weights=/path"):
+        TimmEncoder(VIT, weights="hub")
+    with pytest.raises(ValueError, match=r"(?s)encoder=open_clip name='ViT-B-32'.*laion2b.*encoder.weights=/path"):
+        OpenClipEncoder("ViT-B-32", weights="laion2b_s34b_b79k")
+    with pytest.raises(ValueError, match="not a timm model"):
+        TimmEncoder("vit_nonexistent_model")
+    with pytest.raises(ValueError, match="has no class token"):
+        TimmEncoder("resnet18", pooled="cls")

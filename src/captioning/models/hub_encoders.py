@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from captioning.io import reachable
 from captioning.runtime import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ImageContract
 
 __all__ = ["OpenClipEncoder", "TimmEncoder"]
@@ -161,8 +162,9 @@ class TimmEncoder(_HubEncoder):
         if path is not None:
             overlay["file"] = str(path)
         try:
-            model = timm.create_model(name, pretrained=weights is not None, num_classes=0, global_pool="",
-                                      pretrained_cfg_overlay=overlay or None, **dict(model_args or {}))
+            with _hub_or_cache(weights is not None and path is None):
+                model = timm.create_model(name, pretrained=weights is not None, num_classes=0, global_pool="",
+                                          pretrained_cfg_overlay=overlay or None, **dict(model_args or {}))
         except (OSError, RuntimeError, ValueError) as error:
             where = f"the file {path}" if path else "the Hugging Face hub"
             raise ValueError(f"encoder=timm name={name!r}: could not load weights from {where}: "
@@ -230,7 +232,8 @@ class OpenClipEncoder(_HubEncoder):
                              f"{', '.join(m for m in open_clip.list_models() if m.startswith('ViT'))[:400]}...")
         path = _weights_file(weights, "open_clip", name) if weights and _looks_like_file(weights) else None
         try:
-            with _quiet_root_logger():  # "No pretrained weights loaded ... initialized randomly": as asked
+            with _quiet_root_logger(), _hub_or_cache(bool(weights) and path is None):
+                # (quiet: "No pretrained weights loaded ... initialized randomly", as asked)
                 model = open_clip.create_model(name, pretrained=str(path) if path else weights, device="cpu")
         except (OSError, RuntimeError, ValueError, KeyError) as error:
             where = f"the file {path}" if path else f"the pretrained tag {weights!r} (downloaded from the hub)"
@@ -272,6 +275,26 @@ class OpenClipEncoder(_HubEncoder):
         out = self.model.forward_intermediates(images, indices=1, normalize_intermediates=True,
                                                intermediates_only=True, output_fmt="NCHW")
         return self._pool(out["image_intermediates"][-1], None)
+
+
+@contextlib.contextmanager
+def _hub_or_cache(needed: bool, timeout: float = 3.0):
+    """Where the hub does not answer within ``timeout`` seconds, Hugging Face's offline mode for the call: cached
+    weights still load, missing ones fail at once (online, huggingface_hub retries for ~45 s before it gives up)."""
+    if not needed:
+        yield
+        return
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    if not before and not reachable(urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443, timeout):
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 @contextlib.contextmanager
