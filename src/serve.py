@@ -16,9 +16,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from captioning.data.transforms import ImagePipeline
-from captioning.inference import Captioner, pick_contract, pick_device
-from captioning.module import load_checkpoint
+from captioning.inference import Captioner
 from captioning.utils import explain_errors, resolve_ckpt_path, save_config
 
 log = logging.getLogger(__name__)
@@ -32,11 +30,9 @@ def serve(cfg: DictConfig, block: bool = True):
     except ImportError as error:  # gradio is an extra
         raise ValueError(f"The demo needs Gradio ({error}): pip install -e \".[demo]\".") from error
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
-    module, data = load_checkpoint(ckpt_path)
-    contract = pick_contract(module, cfg.image_size, data, ckpt_path)
     decoding = instantiate(cfg.decoding)
-    captioner = Captioner(module, ImagePipeline(contract, max_pixels=cfg.max_image_pixels), decoding,
-                          pick_device(cfg.device))
+    captioner = Captioner.from_checkpoint(ckpt_path, decoding, cfg.device, cfg.image_size, cfg.max_image_pixels)
+    data = captioner.data
     output_dir = Path(cfg.paths.output_dir)
     save_config(cfg, output_dir / "config.yaml")
     examples = example_images(output_dir / "examples", cfg.examples, data.get("root")) if cfg.examples else []

@@ -56,16 +56,20 @@ class Captioner:
             module.set_decoding(decoding)
         self.module = module.eval().to(torch.device(device))
         self.pipeline = pipeline
+        self.data: dict[str, Any] = {}  # the checkpoint's DataModule config (from_checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, decoding: CaptionDecoder | None = None, device: str = "auto",
-                        image_size: int | None = None) -> Captioner:
+                        image_size: int | None = None, max_pixels: int | None = None) -> Captioner:
         """The checkpoint alone: model, vocabulary, the image contract (size, mean, std, resize) and the pixel
-        limit it was trained with."""
+        limit it was trained with (``max_pixels`` instead when given: a server's own guard). ``.data`` keeps the
+        checkpoint's DataModule config."""
         module, data = load_checkpoint(path)
         contract = pick_contract(module, image_size, data, str(path))
-        return cls(module, ImagePipeline(contract, max_pixels=data.get("max_image_pixels")), decoding,
-                   pick_device(device))
+        limit = max_pixels if max_pixels is not None else data.get("max_image_pixels")
+        captioner = cls(module, ImagePipeline(contract, max_pixels=limit), decoding, pick_device(device))
+        captioner.data = data
+        return captioner
 
     @property
     def has_attention(self) -> bool:
