@@ -141,25 +141,31 @@ def read_caption_folder(root: str | Path, captions_file: str | None = None, imag
     table = CaptionTable(files[0][0] if len(files) == 1 else root)
     index: dict[str, list[Path]] | None = None
     for path, folder_split in files:
+        resolved: dict[str, tuple[Path, str, str | None]] = {}  # one stat per image, not per caption row
         for number, name, captions, split in _rows(path, image_column, caption_column, split_column):
             where = f"{path}, line {number}"
-            file = Path(os.path.normpath(path.parent / name))
-            if not file.is_file() and (root / name).is_file():
-                file = Path(os.path.normpath(root / name))
-            elif not file.is_file():
-                index = _image_index(root) if index is None else index
-                found = index.get(Path(name).name, [])
-                if len(found) > 1:
-                    raise _bad(path, number, f"{name!r} is not there and {len(found)} files under {root} have its "
-                                             f"name ({', '.join(map(str, found[:3]))}): give its path")
-                file = found[0] if found else file  # a missing file is named when the split is set up
             role = role_of(split)
             if split is not None and role is None:
                 raise _bad(path, number, f"split {split!r} is not one of {', '.join(SPLIT_NAMES)}")
-            relative = os.path.relpath(file, root)
-            if role is None and folder_split is None and split is None:
+            if name not in resolved:
+                file = Path(os.path.normpath(path.parent / name))
+                if not file.is_file() and (root / name).is_file():
+                    file = Path(os.path.normpath(root / name))
+                elif not file.is_file():
+                    index = _image_index(root) if index is None else index
+                    found = index.get(Path(name).name, [])
+                    if len(found) > 1:
+                        raise _bad(path, number, f"{name!r} is not there and {len(found)} files under {root} have "
+                                                 f"its name ({', '.join(map(str, found[:3]))}): give its path")
+                    file = found[0] if found else file  # a missing file is named when the split is set up
+                relative = os.path.relpath(file, root)
+                parts = Path(relative).parts
                 # an imagefolder-style root file naming train/x.png: the sub-folder is the split
-                role = role_of(Path(relative).parts[0]) if len(Path(relative).parts) > 1 else None
+                folder_role = role_of(parts[0]) if len(parts) > 1 else None
+                resolved[name] = (file, relative, folder_role)
+            file, relative, folder_role = resolved[name]
+            if role is None and folder_split is None and split is None:
+                role = folder_role
             table.add(relative, str(file), captions, role or folder_split, where)
     table.warn_duplicates()
     return table
