@@ -204,8 +204,7 @@ class CaptioningModule(L.LightningModule):
         if self._image_contract is not None:
             return self._image_contract
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        pipeline = getattr(datamodule, "image_pipeline", None)
-        return pipeline().contract if pipeline is not None else None
+        return datamodule.image_contract() if hasattr(datamodule, "image_contract") else None
 
     def start_from(self, path: str | Path) -> None:
         """Take the weights (and vocabulary) of another run's checkpoint, nothing else: the optimizer, the

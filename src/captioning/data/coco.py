@@ -132,7 +132,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         self.split_source, self.restval = split_source, bool(restval)
         self.karpathy_file = Path(karpathy_file).expanduser() if karpathy_file else self.root / "dataset_coco.json"
         self._encoder: nn.Module | None = None
-        self._contract: ImageContract | None = None  # a checkpoint's, given by use_encoder
+        self._contract: ImageContract | None = None  # the encoder's declared input, or a checkpoint's (use_encoder)
         self._features: FeatureCache | None = None
         self._feature_keys: dict[str, tuple[CaptionSplit, dict[str, Any]]] = {}
         self._vocab: Vocabulary | None = None
@@ -295,7 +295,9 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         ``feature_cache`` its frozen features are what the cache stores. Call before ``prepare_data`` /
         ``trainer.fit`` (train.py and eval.py do)."""
         self._encoder = encoder
-        self._contract = contract
+        self._contract = contract or getattr(encoder, "image_contract", None)
+        if self._contract is not None:  # batches arrive normalised by it: the photometry undoes and redoes that
+            self.augmentation.use_statistics(self._contract.mean, self._contract.std)
         self._features = None
         self._feature_keys.clear()
         if self.loader.feature_cache:
@@ -376,10 +378,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
     def image_contract(self) -> ImageContract:
         """The encoder's declared input (ImageNet's statistics and the whole image when no encoder was given) at
         the size this DataModule resizes to."""
-        declared = self._contract or getattr(self._encoder, "image_contract", None) or ImageContract()
-        contract = declared.at(self.resolve_image_size())
-        self.augmentation.use_statistics(contract.mean, contract.std)
-        return contract
+        return (self._contract or ImageContract()).at(self.resolve_image_size())
 
     def image_pipeline(self) -> ImagePipeline:
         """How this DataModule reads an image file (caption.py and the demo read theirs the same way)."""
