@@ -39,8 +39,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the encoder that sees the images: data.image_size=auto follows it, data.feature_cache stores its features
     if hasattr(datamodule, "use_encoder"):
         datamodule.use_encoder(module.encoder)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.trainer)
     loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.trainer, loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     # resume the run, or start from another objective's weights (ckpt_path=<xe.ckpt> objective=scst)

@@ -230,3 +230,14 @@ def test_code_defaults_are_the_config_defaults():
     assert {"CaptioningRNN", "CaptionDecoder", "SmallCNN", "CrossEntropy", "SelfCritical",
             "ShapesDataModule", "CocoCaptionsDataModule"} <= seen
     assert not differences, "\n".join(differences)
+
+
+def test_logger_none_drops_the_learning_rate_monitor(tmp_path):
+    """``logger=none``: Lightning refuses a LearningRateMonitor without a logger at the start of fit; train.py
+    leaves it out (and keeps it when there is a logger)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    cfg = compose_train(tmp_path, ["logger=none"])
+    assert not any(isinstance(c, LearningRateMonitor) for c in instantiate_callbacks(cfg.callbacks, cfg.trainer, []))
+    kept = instantiate_callbacks(cfg.callbacks, cfg.trainer, [object()])
+    assert any(isinstance(c, LearningRateMonitor) for c in kept)
