@@ -196,16 +196,16 @@ class _Scripted(CaptioningRNN):
 
 def test_greedy_stops_each_row_at_end_and_pads_with_null():
     model = _Scripted([[4, END, 5, 6, 7, 5], [4, 5, 6, END, 7, 7], [5, 5, 5, 5, 5, 5]])
-    captions, _, attn = greedy_decode(model, torch.randn(3, 2), 6)
+    captions, _, attn, _ = greedy_decode(model, torch.randn(3, 2), 6)
     assert attn is None
     assert captions.tolist() == [[4, END, NULL, NULL, NULL, NULL], [4, 5, 6, END, NULL, NULL], [5] * 6]
-    short, _, _ = greedy_decode(model, torch.randn(3, 2), 3)
+    short = greedy_decode(model, torch.randn(3, 2), 3).captions
     assert short.shape == (3, 3) and short[2].tolist() == [5, 5, 5]
 
 
 def test_greedy_loop_ends_when_every_row_has_ended():
     model = _Scripted([[END, 4, 4, 4], [4, END, 4, 4]])
-    captions, _, _ = greedy_decode(model, torch.randn(2, 2), 50)
+    captions = greedy_decode(model, torch.randn(2, 2), 50).captions
     assert model.t == 2  # two steps, not fifty
     assert captions.shape == (2, 50) and captions[:, 2:].eq(NULL).all()
 
@@ -214,7 +214,7 @@ def test_greedy_loop_ends_when_every_row_has_ended():
 def test_greedy_returns_attention_weights_only_for_attention(cell_type):
     torch.manual_seed(0)
     model = CaptioningRNN(vocab_size=9, input_dim=4, wordvec_dim=3, hidden_dim=5, cell_type=cell_type).eval()
-    captions, _, attn = greedy_decode(model, _features(cell_type, 3, 4), 5)
+    captions, _, attn, _ = greedy_decode(model, _features(cell_type, 3, 4), 5)
     assert captions.shape == (3, 5) and captions.dtype == torch.long
     if cell_type == "attention":
         assert attn.shape == (3, 5, 2, 3)

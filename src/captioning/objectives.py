@@ -31,17 +31,13 @@ from torch import Tensor
 
 from .metrics import CiderD, tokenize
 from .models import CaptioningRNN
-from .models.decoding import greedy_decode, step_decode
+from .models.decoding import BAD_ENDINGS, greedy_decode, step_decode
 
 __all__ = ["BASELINES", "BAD_ENDINGS", "CrossEntropy", "Objective", "SelfCritical"]
 
 BASELINES = ("greedy", "mean")
 UNK_ID = 3  # the vocabulary's contract: <NULL> 0, <START> 1, <END> 2, <UNK> 3, then the words
 BAD_ENDING_MODES = ("none", "penalize", "forbid")
-# Words a caption should not end on; captions trained on CIDEr-D learn to end on them ("a man riding a")
-# because the n-grams they complete still score.
-BAD_ENDINGS = ("a", "an", "the", "with", "and", "of", "on", "in", "to", "at", "its", "his", "her", "their",
-               "for", "is", "are", "while", "from", "by", "near")
 
 
 class Objective:
