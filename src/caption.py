@@ -8,7 +8,9 @@ trained with (``image_size=...`` overrides the latter, and is needed for checkpo
 read exactly as training read them (:class:`captioning.inference.Captioner`).
 
 Prints ``<file>\\t<caption>`` per image on stdout (log messages go to stderr) and writes
-``captions.json`` (``[{"file", "caption", "log_prob"}]``) to the run dir (``outputs/caption/runs/<time>/``).
+``captions.json`` (``[{"file", "caption", "log_prob"}]``, with ``decoding.n_best=K`` also ``"nbest"``: the K
+captions, best first, with their log-probabilities) to the run dir (``outputs/caption/runs/<time>/``).
+``ckpt_path=[a.ckpt,b.ckpt]`` captions with the checkpoints as an ensemble.
 With ``attention_maps=true`` and an attention model, also ``attention/<stem>.png`` per image: the image
 and the attention map of every word.
 """
@@ -25,7 +27,7 @@ from omegaconf import DictConfig
 
 from captioning.inference import Captioner, collect_images, unique_stem
 from captioning.io import write_json
-from captioning.utils import explain_errors, resolve_ckpt_path, save_config
+from captioning.utils import explain_errors, resolve_ckpt_paths, save_config
 from captioning.visualize import attention_overlay
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,15 @@ log = logging.getLogger(__name__)
 
 def caption(cfg: DictConfig) -> list[dict[str, Any]]:
     """Caption the image files ``cfg.images`` names; the results written to captions.json."""
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
+    ckpt_paths = resolve_ckpt_paths(cfg.ckpt_path, cfg.paths.log_dir, "train")
+    ckpt_path = ckpt_paths[0]
     files = collect_images(cfg.images)
-    captioner = Captioner.from_checkpoint(ckpt_path, instantiate(cfg.decoding), cfg.device, cfg.image_size)
+    captioner = Captioner.from_checkpoint(ckpt_paths, instantiate(cfg.decoding), cfg.device, cfg.image_size)
     attention_maps = bool(cfg.attention_maps)
     if attention_maps and not captioner.has_attention:
-        log.warning("attention_maps=true, but %s is a %s decoder without attention: no maps are drawn.",
-                    ckpt_path, captioner.module.decoder.cell_type)
+        log.warning("attention_maps=true, but %s is %s: no maps are drawn.", ckpt_path,
+                    f"an ensemble of {len(ckpt_paths)}" if len(ckpt_paths) > 1
+                    else f"a {captioner.module.decoder.cell_type} decoder without attention")
         attention_maps = False
     output_dir = Path(cfg.paths.output_dir)
     save_config(cfg, output_dir / "config.yaml")
@@ -47,7 +51,10 @@ def caption(cfg: DictConfig) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     used_stems: set[str] = set()
     for path, image, result in captioner.caption_files(files, cfg.batch_size):
-        results.append({"file": str(path), "caption": result.text, "log_prob": result.log_prob})
+        entry = {"file": str(path), "caption": result.text, "log_prob": result.log_prob}
+        if result.alternatives is not None:
+            entry["nbest"] = [{"caption": text, "log_prob": lp} for text, lp in result.alternatives]
+        results.append(entry)
         print(f"{path}\t{result.text}", flush=True)
         if attention_maps and result.attention is not None:
             overlay = attention_overlay(image, result.words, result.attention, title=path.name)

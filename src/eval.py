@@ -10,7 +10,11 @@ default) and reports:
 - official: the COCO caption evaluation (pycocoevalcap: PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr and,
   with ``spice=true``, SPICE), run once on rank 0. These are the paper-comparable numbers.
 
-Writes ``predictions.json`` (COCO results format) and ``metrics.json`` to the run dir
+``ckpt_path=[a.ckpt,b.ckpt,...]`` (quoted on the command line) decodes with the checkpoints as an ensemble (their
+per-step log-probabilities averaged; the same vocabulary required); the first one's data and loss are used.
+
+Writes ``predictions.json`` (COCO results format), with ``decoding.n_best=K`` also ``nbest.json`` (every image's K
+captions, best first, with their log-probabilities), and ``metrics.json`` to the run dir
 (``outputs/eval/runs/<time>/``) and prints a table. The data set comes from the checkpoint
 (``data_from_checkpoint``; ``data.*`` on the command line win); ``ckpt_path=last`` is the newest last.ckpt
 of the train runs. The split is the top-level key ``split`` (``val`` or ``test``).
@@ -32,8 +36,8 @@ from rich.console import Console
 from captioning.evaluation import checkpoint_data_config, print_table
 from captioning.io import write_json
 from captioning.metrics import coco_caption_eval
-from captioning.module import load_checkpoint
-from captioning.utils import explain_errors, instantiate_dict, print_config, resolve_ckpt_path, save_config
+from captioning.module import load_ensemble
+from captioning.utils import explain_errors, instantiate_dict, print_config, resolve_ckpt_paths, save_config
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     start = time.perf_counter()
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}: eval.py scores the val or test split; pass split=val or split=test.")
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
-    module, data_config = load_checkpoint(ckpt_path)
+    ckpt_paths = resolve_ckpt_paths(cfg.ckpt_path, cfg.paths.log_dir, "train")
+    ckpt_path = ckpt_paths[0]
+    module, data_config = load_ensemble(ckpt_paths)
     if cfg.data_from_checkpoint:
         checkpoint_data_config(cfg, data_config, ckpt_path)
+    if len(ckpt_paths) > 1 and cfg.data.get("feature_cache"):
+        # every member encodes the images itself: a cache holds one encoder's features
+        log.info("An ensemble of %d checkpoints reads images: data.feature_cache=false for this evaluation.",
+                 len(ckpt_paths))
+        cfg.data.feature_cache = False
     print_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     save_config(cfg, output_dir / "config.yaml")
@@ -96,8 +106,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         output_dir / "predictions.json",
         [{"image_id": image_id, "caption": predictions[image_id]} for image_id in sorted(predictions)],
     )
+    if result.nbest:  # decoding.n_best > 1: every caption kept, best first, with its log-probability
+        write_json(output_dir / "nbest.json", [
+            {"image_id": image_id, "captions": [{"caption": text, "log_prob": lp} for text, lp in result.nbest[image_id]]}
+            for image_id in sorted(result.nbest)])
     report: dict[str, Any] = {
-        "checkpoint": str(Path(ckpt_path).absolute()),
+        "checkpoint": str(Path(ckpt_path).absolute()) if len(ckpt_paths) == 1 else [
+            str(Path(p).absolute()) for p in ckpt_paths],
         "split": cfg.split,
         "num_images": len(predictions),
         "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),

@@ -89,7 +89,7 @@ def test_eval_val_greedy_smoke(tiny_runs, lstm_ckpt):
     assert metrics["split"] == "val" and metrics["num_images"] == NUM_VAL
     assert metrics["decoding"]["strategy"] == "greedy"
     assert metrics["checkpoint"] == str(lstm_ckpt)
-    assert set(metrics["fast"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
+    assert set(metrics["fast"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "distinct"}
     assert metrics["seconds"]["decode_and_fast_metrics"] > 0
     if HAS_JAVA:
         assert set(metrics["official"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
@@ -131,6 +131,77 @@ def test_eval_bad_ckpt_path_names_it(tiny_runs):
     assert result.returncode != 0
     assert str(missing) in result.stderr + result.stdout
     assert "no such checkpoint" in (result.stderr + result.stdout).lower()
+
+
+def test_an_ensemble_with_another_vocabulary_fails_naming_both_files(tiny_runs, lstm_ckpt):
+    """Same model, two words of its vocabulary swapped: averaging by word id would mix them up."""
+    from captioning.module import load_ensemble
+
+    checkpoint = torch.load(lstm_ckpt, map_location="cpu", weights_only=False)
+    words = checkpoint["hyper_parameters"]["vocab"]
+    words[4], words[5] = words[5], words[4]
+    other = tiny_runs / "swapped_vocab.ckpt"
+    torch.save(checkpoint, other)
+    with pytest.raises(ValueError) as error:
+        load_ensemble([lstm_ckpt, other])
+    message = str(error.value)
+    assert str(lstm_ckpt) in message and str(other) in message and "vocabularies differ" in message
+    assert f"id 4 is {words[4]!r}" in message
+    alone, _ = load_ensemble([lstm_ckpt])  # an ensemble of one is the checkpoint itself
+    assert len(alone.members) == 0
+
+
+def test_averaged_checkpoint_holds_the_mean_weights_and_loads(tiny_runs, lstm_ckpt):
+    from captioning.checkpointing import average_checkpoints
+
+    checkpoint = torch.load(lstm_ckpt, map_location="cpu", weights_only=False)
+    shifted = {k: v + 1.0 if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    other = tiny_runs / "shifted.ckpt"
+    torch.save({**checkpoint, "state_dict": shifted}, other)
+    target = average_checkpoints([lstm_ckpt, other], tiny_runs / "averaged" / "avg.ckpt")
+    module, data = load_checkpoint(target)
+    for name, value in module.state_dict().items():
+        original = checkpoint["state_dict"][name]
+        expected = original + 0.5 if original.is_floating_point() else original
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    assert data["image_size"] == 32 and "optimizer_states" not in torch.load(target, weights_only=True)
+    words = checkpoint["hyper_parameters"]["vocab"]
+    renamed = tiny_runs / "renamed.ckpt"
+    torch.save({**checkpoint, "hyper_parameters": {**checkpoint["hyper_parameters"], "vocab": words[::-1]}}, renamed)
+    with pytest.raises(ValueError, match="vocabularies differ") as error:
+        average_checkpoints([lstm_ckpt, renamed], tiny_runs / "bad.ckpt")
+    assert str(lstm_ckpt) in str(error.value) and str(renamed) in str(error.value)
+
+
+@pytest.mark.slow
+def test_eval_ensemble_diverse_nbest_and_seeded_sampling_under_ddp_equal_one_process(tiny_runs, lstm_ckpt,
+                                                                                       attention_ckpt):
+    """An ensemble of the LSTM and the attention model, decoded with diverse beams, an n-best list and trigram
+    blocking, and seeded nucleus sampling with n-best lists: 2 DDP processes give what one gives, and nbest.json
+    is every image's list, best first, its first the prediction."""
+    common = ("split=test", "official=false", "data.batch_size=4")
+    pair = f"ckpt_path=[{lstm_ckpt},{attention_ckpt}]"
+    ddp = ("trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp")
+    for name, decoding in (("diverse", ("decoding=diverse_beam", "decoding.n_best=4", "decoding.block_ngrams=3",
+                                        "decoding.length_norm=gnmt", "decoding.length_penalty=0.6")),
+                           ("nucleus", ("decoding=sample", "decoding.seed=0", "decoding.top_p=0.9",
+                                        "decoding.n_best=3", "decoding.bad_endings=true"))):
+        outputs = {}
+        for procs, extra in ((1, ()), (2, ddp)):
+            run_dir = tiny_runs / f"eval_{name}_{procs}"
+            run_script("eval.py", pair, f"hydra.run.dir={run_dir}", *FAST_DATA, *common, *decoding, *extra)
+            outputs[procs] = [json.loads((run_dir / f).read_text()) for f in ("predictions.json", "nbest.json",
+                                                                               "metrics.json")]
+        (one, one_nbest, one_metrics), (two, two_nbest, two_metrics) = outputs[1], outputs[2]
+        assert two_metrics["devices"] == 2 and one_metrics["checkpoint"] == [str(lstm_ckpt), str(attention_ckpt)]
+        assert two == one and two_nbest == one_nbest, name
+        assert two_metrics["fast"] == pytest.approx(one_metrics["fast"], abs=1e-12)
+        check_predictions(one, split_ids(tiny_runs / "shapes", "test"))
+        assert [e["image_id"] for e in one_nbest] == [e["image_id"] for e in one]
+        for entry, prediction in zip(one_nbest, one, strict=True):
+            scores = [c["log_prob"] for c in entry["captions"]]
+            assert scores == sorted(scores, reverse=True) and entry["captions"][0]["caption"] == prediction["caption"]
+            assert len(entry["captions"]) <= (4 if name == "diverse" else 3)
 
 
 # ------------------------------------------------------------------------------------------ caption.py
@@ -176,6 +247,22 @@ def test_caption_beam_never_less_likely_than_greedy(tiny_runs, lstm_ckpt, image_
     assert [c["file"] for c in greedy] == [c["file"] for c in beam] == files
     for g, b in zip(greedy, beam, strict=True):
         assert b["log_prob"] >= g["log_prob"] - 1e-4
+
+
+@pytest.mark.slow
+def test_caption_nbest_and_ensemble(tiny_runs, lstm_ckpt, attention_ckpt, image_folder):
+    files = sorted(str(p) for p in image_folder.glob("0*.jpg"))
+    listed = "images=[" + ",".join(files) + "]"
+    result, captions = caption(tiny_runs / "caption_nbest", lstm_ckpt, listed, "decoding=beam",
+                               "decoding.beam_size=4", "decoding.n_best=3")
+    for entry in captions:
+        assert [c["caption"] for c in entry["nbest"]][0] == entry["caption"] and len(entry["nbest"]) == 3
+        assert entry["nbest"][0]["log_prob"] == pytest.approx(entry["log_prob"])
+    assert result.stdout.splitlines() == [f"{c['file']}\t{c['caption']}" for c in captions]  # the first only
+    pair = f"[{lstm_ckpt},{attention_ckpt}]"
+    result, together = caption(tiny_runs / "caption_ensemble", pair, listed, "attention_maps=true")
+    assert [c["file"] for c in together] == files and all(c["caption"] for c in together)
+    assert "an ensemble of 2" in result.stderr
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ resumes, and a format number so an incompatible checkpoint is refused with a cle
   after a resume, from an epoch boundary or from the middle of an epoch, equals an uninterrupted run's.
 - :func:`check_format` / :func:`read_checkpoint`: a file that is not a checkpoint of this project, or one
   written in another format, gives a one-paragraph error naming the file and what to do.
+- :func:`average_checkpoints`: one model whose weights are the mean of several checkpoints' (the cheap
+  alternative to an ensemble, for checkpoints of one run).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "AtomicCheckpointIO", "InterruptCheckpoint", "RandomState", "check_format",
-    "read_checkpoint", "stamp",
+    "CHECKPOINT_FORMAT", "AtomicCheckpointIO", "InterruptCheckpoint", "RandomState", "average_checkpoints",
+    "check_format", "read_checkpoint", "stamp",
 ]
 
 # Bump when a checkpoint's contents change incompatibly (hyperparameter names, state_dict keys...).
@@ -88,6 +90,53 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from error
     check_format(checkpoint, path)
     return checkpoint
+
+
+# Kept from the first checkpoint by an average: what rebuilds the model and its data; the training state (optimizer,
+# loops, callbacks) belongs to no averaged model, so the result evaluates and captions but does not resume.
+_KEPT_BY_AVERAGE = ("epoch", "global_step", "pytorch-lightning_version", "hparams_name", "hyper_parameters",
+                    "datamodule_hparams_name", "datamodule_hyper_parameters", "datamodule_target", "image_contract")
+
+
+def average_checkpoints(paths: list[str | Path], target: str | Path) -> Path:
+    """Write to ``target`` a checkpoint whose weights are the element-wise mean of the ``paths``' (Polyak
+    averaging of checkpoints; integer buffers, e.g. BatchNorm's step count, are the first's). The model config,
+    vocabulary, data config and image contract are the first's. Averaging helps checkpoints of one run (its last
+    epochs share a basin); runs from different seeds do not average into a working model (ensemble them).
+
+    Raises ValueError naming both files when two checkpoints differ in vocabulary or in their weights' names
+    or shapes.
+    """
+    if len(paths) < 2:
+        raise ValueError(f"average_checkpoints needs two or more checkpoints, got {len(paths)}.")
+    first_path = Path(paths[0])
+    first = read_checkpoint(first_path)
+    weights = first["state_dict"]
+    total = {k: v.double().clone() if v.is_floating_point() else v.clone() for k, v in weights.items()}
+    for path in paths[1:]:
+        other = read_checkpoint(path)
+        if other["hyper_parameters"].get("vocab") != first["hyper_parameters"].get("vocab"):
+            raise ValueError(f"Cannot average {path} with {first_path}: their vocabularies differ, so the same "
+                             "weight rows mean different words. Average checkpoints of one run (or one data set).")
+        theirs = other["state_dict"]
+        unfit = sorted(set(weights) ^ set(theirs)) or [
+            k for k in weights if tuple(weights[k].shape) != tuple(theirs[k].shape)]
+        if unfit:
+            raise ValueError(f"Cannot average {path} with {first_path}: their models differ ({len(unfit)} weights, "
+                             f"e.g. {', '.join(unfit[:3])}). Average checkpoints of the same model config.")
+        for k, v in theirs.items():
+            if v.is_floating_point():
+                total[k] += v.double()
+    averaged = {k: (v / len(paths)).to(weights[k].dtype) if weights[k].is_floating_point() else v
+                for k, v in total.items()}
+    checkpoint = {k: first[k] for k in _KEPT_BY_AVERAGE if k in first}
+    checkpoint["state_dict"] = averaged
+    checkpoint["averaged_from"] = [str(Path(p).absolute()) for p in paths]
+    stamp(checkpoint)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from PIL import Image
 from captioning.data.images import BadImageError
 from captioning.data.transforms import ImagePipeline
 from captioning.models.decoding import CaptionDecoder
-from captioning.module import CaptioningModule, load_checkpoint
+from captioning.module import CaptioningModule, load_ensemble
 from captioning.runtime import ImageContract
 
 __all__ = ["Caption", "Captioner", "collect_images", "image_suffixes", "pick_contract", "pick_device", "pick_image_size", "unique_stem"]
@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Caption:
-    """One image's caption: the text, its log-probability, the emitted words (``<END>`` included) and, for
-    the attention model, the attention map of each word (L, h, w)."""
+    """One image's caption: the text, its log-probability, the emitted words (``<END>`` included), for the
+    attention model the attention map of each word (L, h, w), and with ``decoding.n_best`` > 1 the n-best list
+    (text, log p), best first (the caption itself is its first)."""
 
     text: str
     log_prob: float
     words: list[str]
     attention: torch.Tensor | None = None
+    alternatives: list[tuple[str, float]] | None = None
 
 
 class Captioner:
@@ -59,12 +61,14 @@ class Captioner:
         self.data: dict[str, Any] = {}  # the checkpoint's DataModule config (from_checkpoint)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, decoding: CaptionDecoder | None = None, device: str = "auto",
-                        image_size: int | None = None, max_pixels: int | None = None) -> Captioner:
+    def from_checkpoint(cls, path: str | Path | Sequence[str | Path], decoding: CaptionDecoder | None = None,
+                        device: str = "auto", image_size: int | None = None,
+                        max_pixels: int | None = None) -> Captioner:
         """The checkpoint alone: model, vocabulary, the image contract (size, mean, std, resize) and the pixel
         limit it was trained with (``max_pixels`` instead when given: a server's own guard). ``.data`` keeps the
-        checkpoint's DataModule config."""
-        module, data = load_checkpoint(path)
+        checkpoint's DataModule config. Several paths: an ensemble (:func:`captioning.module.load_ensemble`)."""
+        module, data = load_ensemble(path)
+        path = path if isinstance(path, str | Path) else path[0]
         contract = pick_contract(module, image_size, data, str(path))
         limit = max_pixels if max_pixels is not None else data.get("max_image_pixels")
         captioner = cls(module, ImagePipeline(contract, max_pixels=limit), decoding, pick_device(device))
@@ -73,7 +77,7 @@ class Captioner:
 
     @property
     def has_attention(self) -> bool:
-        return self.module.decoder.cell_type == "attention"
+        return self.module.decoder.cell_type == "attention" and not len(self.module.members)
 
     def load(self, path: str | Path) -> Image.Image | None:
         """The file as training read it, or None with a warning naming it when it cannot be read."""
@@ -91,9 +95,16 @@ class Captioner:
         batch = torch.stack([self.pipeline(image) for image in images]).to(self.module.device)
         decoded = self.module(batch)
         vocab = self.module.vocab
+
+        def alternatives(i: int) -> list[tuple[str, float]] | None:
+            if decoded.nbest is None:
+                return None
+            return [(vocab.decode(ids), float(lp)) for ids, lp in zip(decoded.nbest.captions[i], decoded.nbest.log_probs[i],
+                                                                    strict=True) if lp > float("-inf")]
+
         return [
             Caption(vocab.decode(decoded.captions[i]), float(decoded.log_probs[i]), vocab.words(decoded.captions[i]),
-                    None if decoded.attn_weights is None else decoded.attn_weights[i].cpu())
+                    None if decoded.attn_weights is None else decoded.attn_weights[i].cpu(), alternatives(i))
             for i in range(len(images))
         ]
 

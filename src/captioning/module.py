@@ -19,11 +19,11 @@ from .data.vocab import Vocabulary
 from .grounding import GroundingScorer
 from .metrics import CaptionScorer, DecodedCaptions, GroundedScorer, StageResult
 from .models import CaptioningRNN
-from .models.decoding import CaptionDecoder, Decoded
+from .models.decoding import CaptionDecoder, Decoded, Ensemble
 from .objectives import Objective
 from .runtime import ImageContract
 
-__all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint"]
+__all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint", "load_ensemble"]
 
 NONFINITE_POLICIES = ("fail", "skip")
 DEFAULT_OBJECTIVE = {"_target_": "captioning.objectives.CrossEntropy"}
@@ -120,6 +120,9 @@ class CaptioningModule(L.LightningModule):
         self.encoder: nn.Module = instantiate(self.hparams.encoder)
         self.decoder: CaptioningRNN | None = None
         self.vocab: Vocabulary | None = None
+        # other trained captioners this one decodes with as an ensemble (set_ensemble): their encoder and decoder
+        self.members = nn.ModuleList()
+        self._members_without_images: list[bool] = []
         self.set_decoding(instantiate(self.hparams.decoding) if self.hparams.decoding else CaptionDecoder())
         self.objective: Objective = instantiate(self.hparams.get("objective") or DEFAULT_OBJECTIVE)
         # per split: its scorers (BLEU/CIDEr-D, and the grounded metric where the data knows what each image
@@ -137,16 +140,52 @@ class CaptioningModule(L.LightningModule):
             self.hparams.decoder, vocab_size=len(self.vocab), input_dim=self.encoder.out_dim,
             null_id=self.vocab.null_id, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
         )
+        if self.decoding.bad_endings:  # its words become ids of this vocabulary
+            self.decoding = self._requested_decoding.for_model(self.trained_without_images, self.vocab)
+
+    @property
+    def trained_without_images(self) -> bool:
+        """Whether training dropped the image now and then (``objective.image_dropout``), which teaches the model
+        the captions' prior that classifier-free guidance subtracts."""
+        objective = self.hparams.get("objective") or {}
+        return float(objective.get("image_dropout") or 0.0) > 0
 
     def set_decoding(self, decoding: CaptionDecoder) -> None:
         """Use another decoding strategy (eval.py and caption.py override the checkpoint's); ``guidance="auto"``
         becomes guidance for a model trained with image dropout, none for another."""
-        objective = self.hparams.get("objective") or {}
-        decoding = decoding.for_model(float(objective.get("image_dropout") or 0.0) > 0)
-        self.decoding = decoding
+        self._requested_decoding = decoding
+        self.decoding = decoding.for_model(self.trained_without_images, self.vocab)
         self.collectors = nn.ModuleDict(
-            {stage: DecodedCaptions(max_length=decoding.max_length) for stage in ("val", "test")}
+            {stage: DecodedCaptions(max_length=decoding.max_length, n_best=decoding.n_best) for stage in ("val", "test")}
         )
+
+    def set_ensemble(self, members: Sequence[CaptioningModule]) -> None:
+        """Decode as an ensemble of this module and ``members`` (other trained modules of the same vocabulary,
+        :func:`load_ensemble`): each step averages their log-probabilities (:class:`Ensemble`). The loss and
+        everything else stay this module's. An empty list decodes alone again."""
+        for member in members:
+            if member.vocab is None or self.vocab is None or member.vocab != self.vocab:
+                raise ValueError("set_ensemble: every member must have this module's vocabulary.")
+        self.members = nn.ModuleList(nn.ModuleDict({"encoder": m.encoder, "decoder": m.decoder}) for m in members)
+        self._members_without_images = [m.trained_without_images for m in members]
+
+    def decode(self, features: Tensor, images: Tensor | None = None, image_ids: Tensor | None = None) -> Decoded:
+        """Captions of a batch with the configured decoding: from this model's ``features`` (N, D, h, w), or, for an
+        ensemble, from the ``images`` (N, 3, S, S) each member encodes itself. ``image_ids`` (N,) key seeded
+        sampling, so an image's samples do not depend on its batch (or, under DDP, its process)."""
+        if not len(self.members):
+            return self.decoding(self.decoder, features, image_ids)
+        if images is None:
+            raise ValueError(
+                "An ensemble decodes from images (each member reads them with its own encoder), but the batch holds "
+                "cached features only: evaluate ensembles with data.feature_cache=false.")
+        requested = self._requested_decoding.guidance
+        guidance = [self.decoding.guidance or 0.0] + [
+            (CaptionDecoder.AUTO_GUIDANCE if without else 0.0) if requested is None else requested
+            for without in self._members_without_images]
+        ensemble = Ensemble([self.encoder, *(m["encoder"] for m in self.members)],
+                            [self.decoder, *(m["decoder"] for m in self.members)], guidance)
+        return self.decoding(ensemble, images, image_ids)
 
     def configure_model(self) -> None:
         """Build the decoder, sized by the datamodule's vocabulary, unless the checkpoint's vocabulary built it.
@@ -257,8 +296,8 @@ class CaptioningModule(L.LightningModule):
         return self.encoder(batch["images"])
 
     def forward(self, images: Tensor) -> Decoded:
-        """Images (N, 3, S, S) -> decoded captions with the configured strategy."""
-        return self.decoding(self.decoder, self.encoder(images))
+        """Images (N, 3, S, S) -> decoded captions with the configured strategy (and ensemble)."""
+        return self.decode(None if len(self.members) else self.encoder(images), images)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         # The forward updates BatchNorm running statistics before the loss can be checked; keep a copy (a few
@@ -317,8 +356,8 @@ class CaptioningModule(L.LightningModule):
         features = self.encode(batch)
         loss = self.decoder(features, batch["captions"])
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["captions"]))
-        decoded = self.decoding(self.decoder, features)
-        self.collectors[stage].update(batch["image_ids"], decoded.captions)
+        decoded = self.decode(features, batch.get("images"), batch["image_ids"])
+        self.collectors[stage].update(batch["image_ids"], decoded.captions, decoded.nbest)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -329,11 +368,15 @@ class CaptioningModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         # DecodedCaptions gathers every rank's captions and drops the DistributedSampler's repeats, so all
         # ranks score exactly the split, once per image: the same numbers as one process.
-        decoded = self.collectors[stage].compute()
-        self.collectors[stage].reset()
+        collector = self.collectors[stage]
+        decoded = collector.compute()
+        nbest = collector.last_nbest
+        collector.reset()
         predictions = {image_id: self.caption_text(ids) for image_id, ids in decoded.items()}
         result = self.results[stage]
         result.predictions = predictions
+        result.nbest = {image_id: [(self.caption_text(ids), lp) for ids, lp in entries]
+                        for image_id, entries in nbest.items()}
         if not predictions or self.trainer.sanity_checking:
             return
         # kept as computed (float64): eval.py reports these, so the captions are scored once
@@ -449,4 +492,37 @@ def load_checkpoint(
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     if data and checkpoint.get("datamodule_target"):
         data["_target_"] = checkpoint["datamodule_target"]
+    return module, data
+
+
+def load_ensemble(
+    paths: str | Path | Sequence[str | Path], map_location: str | torch.device = "cpu"
+) -> tuple[CaptioningModule, dict[str, Any]]:
+    """One checkpoint, or several decoding as an ensemble (:meth:`CaptioningModule.set_ensemble`): the first is
+    the host (its data config, image contract and loss are the ensemble's), the others its members.
+
+    Raises ValueError naming both files when a member's vocabulary or image input differs from the first's:
+    averaging log-probabilities needs the same word ids, and one batch of images must suit every encoder.
+    """
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    module, data = load_checkpoint(paths[0], map_location)
+    members = []
+    for path in paths[1:]:
+        member, _ = load_checkpoint(path, map_location)
+        ours, theirs = module.vocab.idx_to_word, member.vocab.idx_to_word
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            word = lambda words: repr(words[first]) if first < len(words) else "nothing"  # noqa: E731
+            raise ValueError(
+                f"Cannot ensemble {path} with {paths[0]}: their vocabularies differ ({len(theirs)} vs {len(ours)} "
+                f"words; id {first} is {word(theirs)} in one and {word(ours)} in the other). An ensemble averages "
+                "the members' word probabilities id by id: use checkpoints trained on the same data with the same "
+                "data.min_word_count / data.max_length (e.g. runs that differ only in seed).")
+        if member.image_contract != module.image_contract:
+            raise ValueError(
+                f"Cannot ensemble {path} with {paths[0]}: their encoders read images differently "
+                f"({member.image_contract} vs {module.image_contract}), and an ensemble reads each batch once. Use "
+                "members trained with the same encoder input (data.image_size and the encoder's normalisation).")
+        members.append(member)
+    module.set_ensemble(members)
     return module, data

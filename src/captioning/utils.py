@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
 
@@ -24,7 +24,7 @@ from .checkpointing import read_checkpoint
 from .module import NonFiniteLossError
 from .sweeps import in_multirun
 
-__all__ = ["instantiate_dict", "instantiate_callbacks", "has_split", "print_config", "resolve_start", "save_config", "resolve_ckpt_path", "explain_errors", "seed_everything"]
+__all__ = ["instantiate_dict", "instantiate_callbacks", "has_split", "print_config", "resolve_start", "save_config", "resolve_ckpt_path", "resolve_ckpt_paths", "explain_errors", "seed_everything"]
 
 T = TypeVar("T")
 # The checkpoints ckpt_path=last picks from: ModelCheckpoint's and InterruptCheckpoint's.
@@ -43,19 +43,23 @@ def instantiate_dict(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def instantiate_callbacks(group: DictConfig | None, trainer: DictConfig | None = None) -> list[Any]:
+def instantiate_callbacks(group: DictConfig | None, trainer: DictConfig | None = None,
+                          loggers: list[Any] | None = None) -> list[Any]:
     """The callbacks of a config group, less those the trainer config switches off.
 
     ``trainer.enable_progress_bar=false``, ``enable_model_summary=false`` and ``enable_checkpointing=false``
     drop the configured progress bar, model summary and ModelCheckpoint, as they would Lightning's own:
     Lightning refuses the first and last next to a configured callback, and keeps printing a configured
-    summary.
+    summary. With ``loggers`` given and empty (``logger=none``) the LearningRateMonitor goes too: it has nowhere
+    to log, and Lightning stops the run at its start for it.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 
     switches = {"enable_progress_bar": ProgressBar, "enable_model_summary": ModelSummary,
                 "enable_checkpointing": ModelCheckpoint}
     off = tuple(kind for key, kind in switches.items() if trainer is not None and trainer.get(key) is False)
+    if loggers is not None and not loggers:
+        off = (*off, LearningRateMonitor)
     return [callback for callback in instantiate_dict(group) if not (off and isinstance(callback, off))]
 
 
@@ -103,6 +107,16 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str
     checkpoint = read_checkpoint(path)
     rank_zero_info(f"Checkpoint {path}: epoch {checkpoint.get('epoch')}, global step {checkpoint.get('global_step')}.")
     return str(path)
+
+
+def resolve_ckpt_paths(ckpt_path: Any, log_dir: str | Path, task_name: str) -> list[str]:
+    """``ckpt_path`` as one checkpoint or a list of them (an ensemble, ``'ckpt_path=[a.ckpt,b.ckpt]'``), each
+    resolved by :func:`resolve_ckpt_path`."""
+    entries = list(ckpt_path) if isinstance(ckpt_path, ListConfig | list | tuple) else [ckpt_path]
+    if not entries or any(entry is None for entry in entries):
+        raise ValueError(f"ckpt_path={ckpt_path!r}: pass a checkpoint file, last, or a list of checkpoint files "
+                         "('ckpt_path=[a.ckpt,b.ckpt]') to decode with as an ensemble.")
+    return [resolve_ckpt_path(str(entry), log_dir, task_name) for entry in entries]
 
 
 def resolve_start(module: Any, ckpt_path: str | None) -> str | None:

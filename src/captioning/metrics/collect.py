@@ -23,16 +23,22 @@ class DecodedCaptions(Metric):
     is_differentiable = False
     higher_is_better = None
 
-    def __init__(self, max_length: int, **kwargs) -> None:
+    def __init__(self, max_length: int, n_best: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"DecodedCaptions: max_length must be a positive integer, got {max_length!r}.")
-        self.max_length = max_length
+        self.max_length, self.n_best = max_length, int(n_best)
         self.add_state("image_ids", default=[], dist_reduce_fx="cat")
         self.add_state("tokens", default=[], dist_reduce_fx="cat")
+        if self.n_best > 1:  # the n-best lists, gathered and deduplicated like the captions
+            self.add_state("nbest_tokens", default=[], dist_reduce_fx="cat")
+            self.add_state("nbest_log_probs", default=[], dist_reduce_fx="cat")
+        # {image_id: [(tokens (L,), log p), ...]} of the last compute (n_best > 1)
+        self.last_nbest: dict[int, list[tuple[torch.Tensor, float]]] = {}
 
-    def update(self, image_ids: torch.Tensor, tokens: torch.Tensor) -> None:
-        """image_ids: (N,) integer ids; tokens: (N, L) token ids, L <= max_length, padded with 0."""
+    def update(self, image_ids: torch.Tensor, tokens: torch.Tensor, nbest: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """image_ids: (N,) integer ids; tokens: (N, L) token ids, L <= max_length, padded with 0; with
+        ``n_best`` > 1 also ``nbest`` = (captions (N, K, L), log-probabilities (N, K))."""
         image_ids = torch.as_tensor(image_ids)
         if image_ids.dim() != 1 or tokens.dim() != 2 or tokens.shape[0] != image_ids.shape[0]:
             raise ValueError(
@@ -52,6 +58,13 @@ class DecodedCaptions(Metric):
         padded = torch.nn.functional.pad(tokens.long(), (0, self.max_length - tokens.shape[1]), value=0)
         self.image_ids.append(image_ids.long())
         self.tokens.append(padded)
+        if self.n_best > 1:
+            if nbest is None or nbest[0].shape[:2] != (tokens.shape[0], self.n_best):
+                raise ValueError(f"DecodedCaptions(n_best={self.n_best}).update needs the n-best lists (N, "
+                                 f"{self.n_best}, L) of the {tokens.shape[0]} captions.")
+            lists = torch.nn.functional.pad(nbest[0].long(), (0, self.max_length - nbest[0].shape[2]), value=0)
+            self.nbest_tokens.append(lists.flatten(1))
+            self.nbest_log_probs.append(nbest[1].float())
 
     def compute(self) -> dict[int, torch.Tensor]:
         """{image_id: LongTensor (L,)} on the CPU, ascending ids, trailing <NULL> padding removed."""
@@ -71,6 +84,15 @@ class DecodedCaptions(Metric):
         # length = position of the last non-padding token + 1 (0 for an all-padding row)
         positions = torch.arange(1, tokens.shape[1] + 1)
         lengths = (nonzero * positions).amax(dim=1) if tokens.shape[1] else torch.zeros(len(keep), dtype=torch.long)
+        if self.n_best > 1:
+            lists = dim_zero_cat(self.nbest_tokens).cpu()[keep].view(len(keep), self.n_best, self.max_length)
+            scores = dim_zero_cat(self.nbest_log_probs).cpu()[keep]
+            ends = ((lists != 0) * positions).amax(dim=2)  # (M, K): each list entry's length
+            self.last_nbest = {
+                int(i): [(row[:end].clone(), lp) for row, end, lp in zip(rows, e.tolist(), lps.tolist(), strict=True)
+                         if lp > float("-inf")]
+                for i, rows, e, lps in zip(image_ids[keep].tolist(), lists, ends, scores, strict=True)
+            }
         return {
             int(i): tokens[k, : int(length)].clone()
             for i, k, length in zip(image_ids[keep].tolist(), keep.tolist(), lengths.tolist(), strict=True)

@@ -57,6 +57,8 @@ class StageResult:
         metrics: ``bleu1`` .. ``bleu4``, ``cider`` of the last scored pass.
         grounding: the grounded metric's scores (``precision``, ``hallucination``, ...; {} without one).
         seconds: how long scoring the last pass took.
+        nbest: ``{image_id: [(caption, log p), ...]}`` of the last pass when decoding kept n-best lists, best
+            first (the first is the prediction); {} otherwise.
     """
 
     split: str
@@ -66,12 +68,16 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     grounding: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    nbest: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
 
     def score(self, predictions: Mapping[int, str]) -> None:
         """Score ``predictions`` (the split's captions) with both scorers and keep them."""
         tic = time.perf_counter()
         self.predictions = dict(predictions)
         self.metrics = self.scorer(self.predictions)
+        # distinct captions per image (1: every image its own caption): a decoder that says the same few things
+        # everywhere can still score well on n-gram metrics
+        self.metrics["distinct"] = len(set(self.predictions.values())) / max(len(self.predictions), 1)
         self.grounding = self.ground(self.predictions)
         self.seconds = time.perf_counter() - tic
 
