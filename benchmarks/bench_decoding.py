@@ -1,4 +1,4 @@
-"""Batched decoding speed: captions/s for greedy, beam 3 and beam 5, and beam search's cost over greedy.
+"""Batched decoding speed: captions/s of every strategy against greedy, and beam search's cost over greedy.
 
     python benchmarks/bench_decoding.py [--quick] [--json out.json] [--device cuda] [--threads 1]
                                         [--batch 256] [--max-length 16]
@@ -7,7 +7,9 @@ A randomly initialised ``CaptioningRNN`` (lstm and attention; W=256, H=512, V=10
 a 7x7 map for attention) decodes a batch of random features. A random model rarely emits ``<END>``, so
 every method runs all ``max_length`` steps: the comparison is at equal length, which is the fair one
 (each row reports the mean caption length to show it). ``greedy`` is ``greedy_decode`` (log-probabilities
-summed as it decodes, as evaluation uses it). Target: beam 3 <= 3.5x the greedy time.
+summed as it decodes, as evaluation uses it). The anchors' strategies run beside it: diverse beam search (2
+groups x 3), beam 3 with trigram blocking, n-best lists, nucleus sampling, the repetition penalty, and an ensemble
+of two models (greedy). Target: beam 3 <= 3.5x the greedy time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from common import (
 )
 
 from captioning.models import CaptioningRNN
-from captioning.models.decoding import beam_search, greedy_decode
+from captioning.models.decoding import Ensemble, StepRules, beam_search, greedy_decode, sample_decode
 
 DIMS = {"W": 256, "H": 512, "V": 10000, "D": 512, "side": 7}
 TARGET_BEAM3_OVER_GREEDY = 3.5
@@ -39,10 +41,26 @@ def run_cell(cell: str, batch: int, max_length: int, device: torch.device, round
     model = CaptioningRNN(DIMS["V"], DIMS["D"], DIMS["W"], DIMS["H"], cell_type=cell).to(device).eval()
     shape = (batch, DIMS["D"], DIMS["side"], DIMS["side"]) if cell == "attention" else (batch, DIMS["D"])
     features = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(device)
+    torch.manual_seed(1)
+    second = CaptioningRNN(DIMS["V"], DIMS["D"], DIMS["W"], DIMS["H"], cell_type=cell).to(device).eval()
+    same = torch.nn.Identity()  # both members read the features as given: the ensemble's own cost only
+    pair = Ensemble([same, same], [model, second])
+    trigrams = StepRules(block_ngrams=3, end_id=model.end_id)
+    repeats = StepRules(repetition_penalty=1.2, end_id=model.end_id)
     methods = {
         "greedy": lambda: greedy_decode(model, features, max_length).captions,
         "beam 3": lambda: beam_search(model, features, beam_size=3, max_length=max_length).captions,
         "beam 5": lambda: beam_search(model, features, beam_size=5, max_length=max_length).captions,
+        "diverse 2x3": lambda: beam_search(model, features, beam_size=6, max_length=max_length, groups=2,
+                                           diversity=0.5).captions,
+        "beam 3, block trigrams": lambda: beam_search(model, features, beam_size=3, max_length=max_length,
+                                                      rules=trigrams).captions,
+        "beam 5, 5-best": lambda: beam_search(model, features, beam_size=5, max_length=max_length,
+                                              n_best=5).captions,
+        "greedy, repetition 1.2": lambda: greedy_decode(model, features, max_length, repeats).captions,
+        "nucleus 0.9": lambda: sample_decode(model, features, max_length, top_p=0.9).captions,
+        "nucleus 0.9, 5 samples": lambda: sample_decode(model, features, max_length, top_p=0.9, n_best=5).captions,
+        "ensemble of 2, greedy": lambda: greedy_decode(pair, features, max_length).captions,
     }
     lengths = {name: float(fn().ne(model.null_id).sum(dim=1).float().mean()) for name, fn in methods.items()}
     memory = {name: peak_memory(fn, device) for name, fn in methods.items()}

@@ -83,6 +83,13 @@ def test_the_page_table_escapes_and_names_errors(tmp_path):
                    (tmp_path / "x.jpg", None, "Image x.jpg could not be decoded")])
     assert "a&lt;b&gt;.png" in page and "a red square" in page and "-1.500" in page
     assert "class='error'" in page and "could not be decoded" in page
+    beams = SimpleNamespace(text="a red square", log_prob=-1.5,
+                            alternatives=[("a red square", -1.5), ("a red <circle>", -2.25)])
+    page = _table([(tmp_path / "a.png", beams, None)])  # a beam's n-best list under its caption, best first
+    assert "<ol class='nbest' start='2'" in page and "a red &lt;circle&gt; <span class='log-prob'>(-2.250)" in page
+    demo = DemoCaptioner.__new__(DemoCaptioner)
+    demo.max_length = 16
+    assert demo.decoder("beam", 4).n_best == 4 and demo.decoder("greedy", 4).n_best == 1
     assert DemoCaptioner.caption(DemoCaptioner.__new__(DemoCaptioner), [])[0].startswith("<p")
 
 

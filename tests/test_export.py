@@ -59,6 +59,38 @@ def test_torchscript_export_decodes_as_pytorch(tmp_path, cell_type):
 
 
 @pytest.mark.parametrize("cell_type", ["lstm", "attention"])
+def test_run_py_diverse_beam_and_ngram_blocking_decode_as_pytorch(tmp_path, cell_type):
+    """run.py's NumPy loops carry the anchors' decoding too: diverse beam search (2 groups x 3) with trigram
+    blocking and the GNMT length penalty, and greedy decoding with blocking, as captioning.models.decoding."""
+    from captioning.models.decoding import StepRules
+
+    m = module(cell_type, seed=3)
+    folder = export_captioner(m, 16, tmp_path / "exported", "torchscript")
+    exported = load_exported(folder)
+    images = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    rules = StepRules(block_ngrams=3, end_id=m.decoder.end_id)
+    with torch.no_grad():
+        features = m.encoder(images)
+        greedy = greedy_decode(m.decoder, features, 12, rules)
+        diverse = beam_search(m.decoder, features, beam_size=6, max_length=12, length_penalty=0.6, groups=2,
+                              diversity=0.7, length_norm="gnmt", rules=rules)
+    captions, log_probs = exported.greedy(images.numpy(), 12, block_ngrams=3)
+    np.testing.assert_array_equal(captions, greedy.captions.numpy())
+    np.testing.assert_allclose(log_probs, greedy.log_probs.numpy(), rtol=1e-5, atol=1e-5)
+    captions, log_probs = exported.beam(images.numpy(), 6, 12, 0.6, groups=2, diversity=0.7, block_ngrams=3,
+                                        length_norm="gnmt")
+    np.testing.assert_allclose(log_probs, diverse.log_probs.numpy(), rtol=1e-5, atol=1e-5)
+    assert (captions == diverse.captions.numpy()).all(axis=1).mean() >= 0.9
+    def repeats(rows):
+        grams = [[tuple(r[i:i + 3]) for i in range(len(r) - 2)] for r in ([w for w in row if w > 2] for row in rows)]
+        return sum(len(g) - len(set(g)) for g in grams)
+
+    assert repeats(captions.tolist()) == 0
+    with torch.no_grad():  # the model does repeat itself, so blocking had work to do
+        assert repeats(greedy_decode(m.decoder, features, 12).captions.tolist()) > 0
+
+
+@pytest.mark.parametrize("cell_type", ["lstm", "attention"])
 def test_a_guided_model_exports_its_guidance(tmp_path, cell_type):
     """A model trained with image dropout decodes guided (decoding.guidance=auto): the export keeps its state
     without an image (prior.npz) and run.py guides greedy decoding and beam search the same way."""

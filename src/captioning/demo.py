@@ -37,8 +37,10 @@ class DemoCaptioner:
     def decoder(self, strategy: str, beam_size: int) -> CaptionDecoder:
         if strategy not in STRATEGIES:
             raise ValueError(f"decoding {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        beam = int(beam_size) if strategy == "beam" else 1
+        # a beam's other hypotheses are shown under its caption (the n-best list, best first)
         return CaptionDecoder(strategy="beam" if strategy == "beam" else "greedy", max_length=self.max_length,
-                              beam_size=int(beam_size) if strategy == "beam" else 1)
+                              beam_size=beam, n_best=beam if beam > 1 else 1)
 
     def caption(self, files: Sequence[Any] | None, strategy: str = "greedy", beam_size: int = 3) -> tuple[str, list]:
         """One request: its files -> (HTML table, gallery of (overlay, label))."""
@@ -111,8 +113,13 @@ def _table(rows: list[tuple[Path, Any, str | None]]) -> str:
             cells.append(f"<tr class='error' data-file='{name}'><td class='file'>{name}</td>"
                          f"<td class='caption' colspan='2'>{html.escape(error)}</td></tr>")
         else:
+            others, alternatives = "", getattr(result, "alternatives", None)
+            if alternatives and len(alternatives) > 1:
+                items = "".join(f"<li>{html.escape(text)} <span class='log-prob'>({lp:.3f})</span></li>"
+                                for text, lp in alternatives[1:])
+                others = f"<ol class='nbest' start='2' style='margin: 0.3em 0 0 0; opacity: 0.75'>{items}</ol>"
             cells.append(f"<tr data-file='{name}'><td class='file'>{name}</td><td class='caption'>"
-                         f"{html.escape(result.text)}</td><td class='log-prob'>{result.log_prob:.3f}</td></tr>")
+                         f"{html.escape(result.text)}{others}</td><td class='log-prob'>{result.log_prob:.3f}</td></tr>")
     return ("<table id='captions' style='table-layout: fixed; width: 100%; word-break: break-word'><thead><tr><th>image</th><th>caption</th><th>log p</th></tr></thead><tbody>"
             + "".join(cells) + "</tbody></table>")
 

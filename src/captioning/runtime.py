@@ -264,8 +264,9 @@ class ExportedCaptioner:
         return np.concatenate([rows, rows + n]) if self.guidance else rows
 
     # ------------------------------------------------------------------------------------ decoding
-    def greedy(self, images: np.ndarray, max_length: int = 20) -> tuple[np.ndarray, np.ndarray]:
-        """The most likely word at every step: captions (N, L) ending in <END> then <NULL>, log-probs (N,)."""
+    def greedy(self, images: np.ndarray, max_length: int = 20, block_ngrams: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The most likely word at every step: captions (N, L) ending in <END> then <NULL>, log-probs (N,);
+        ``block_ngrams=n``: no n-gram twice in a caption."""
         state = self.encode(images)
         N = images.shape[0]
         words = np.full(N, self.start_id, dtype=np.int64)
@@ -274,6 +275,7 @@ class ExportedCaptioner:
         done = np.zeros(N, dtype=bool)
         for t in range(max_length):
             log_probs, state, _ = self.step(words, state)
+            log_probs = _block_ngrams(log_probs, captions[:, :t], block_ngrams, self.end_id)
             words = log_probs.argmax(axis=1)
             best = log_probs[np.arange(N), words]
             words = np.where(done, self.null_id, words)
@@ -284,40 +286,65 @@ class ExportedCaptioner:
                 break
         return captions, total
 
-    def beam(self, images: np.ndarray, beam_size: int = 3, max_length: int = 20,
-             length_penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-        """Beam search over N x K hypotheses, the greedy hypothesis kept in the beam (it never returns a less
-        likely caption than greedy); the pick maximises log p / length ** length_penalty."""
+    def beam(self, images: np.ndarray, beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
+             groups: int = 1, diversity: float = 0.0, block_ngrams: int = 0,
+             length_norm: str = "power") -> tuple[np.ndarray, np.ndarray]:
+        """Beam search over N x K hypotheses in ``groups`` groups (diverse beam search: a group's extensions cost
+        ``diversity`` per earlier group that chose the same word at this step), each group's greedy hypothesis
+        kept (plain beam search never returns a less likely caption than greedy). The pick maximises
+        log p / lp(length): ``length ** length_penalty`` ("power") or ``((5 + length) / 6) ** length_penalty``
+        ("gnmt"). ``captioning.models.decoding.beam_search``, step for step."""
         if beam_size == 1:
-            return self.greedy(images, max_length)
-        N, K = images.shape[0], beam_size
+            return self.greedy(images, max_length, block_ngrams)
+        if beam_size % groups:
+            raise ValueError(f"beam_size={beam_size} does not split into {groups} equal groups.")
+        N, K, G = images.shape[0], beam_size, groups
+        Kg = K // G
         # each image's rows (and, with guidance, the prior's) repeated K times: rows 0..NK-1, then NK..2NK-1
         state = {k: np.repeat(v, K, axis=0) for k, v in self.encode(images).items()}
         words = np.full(N * K, self.start_id, dtype=np.int64)
         captions = np.full((N, K, max_length), self.null_id, dtype=np.int64)
-        scores = np.full((N, K), -np.inf, dtype=np.float32)
-        scores[:, 0] = 0.0
+        ranked_scores = np.full((N, G, Kg), -np.inf, dtype=np.float32)
+        ranked_scores[:, :, 0] = 0.0
+        scores = ranked_scores.copy()
         done = np.zeros((N, K), dtype=bool)
         lengths = np.zeros((N, K), dtype=np.float32)
-        greedy_beam = np.zeros(N, dtype=np.int64)
+        greedy_beam = np.zeros((N, G), dtype=np.int64)
         images_idx = np.arange(N)
         for t in range(max_length):
             log_probs, state, _ = self.step(words, state)
             V = log_probs.shape[1]
-            log_probs = log_probs.reshape(N, K, V)
+            log_probs = _block_ngrams(log_probs, captions.reshape(N * K, max_length)[:, :t], block_ngrams, self.end_id)
             ended = np.full(V, -np.inf, dtype=np.float32)
             ended[self.null_id] = 0.0
-            log_probs = np.where(done[..., None], ended, log_probs)
-            candidates = (scores[..., None] + log_probs).reshape(N, K * V)
-            flat = _topk(candidates, K)
-            scores = np.take_along_axis(candidates, flat, axis=1)
-            greedy_flat = greedy_beam * V + log_probs[images_idx, greedy_beam].argmax(axis=1)
-            kept = (flat == greedy_flat[:, None]).any(axis=1)
-            lost = ~kept
-            flat[lost, K - 1] = greedy_flat[lost]
-            scores[lost, K - 1] = candidates[lost, greedy_flat[lost]]
-            greedy_beam = (flat == greedy_flat[:, None]).astype(np.int32).argmax(axis=1)
-            beam, chosen = flat // V, flat % V
+            log_probs = np.where(done.reshape(N * K, 1), ended, log_probs).reshape(N, G, Kg, V)
+            group_done = done.reshape(N, G, Kg)
+            counts = np.zeros((N, V), dtype=np.float32) if diversity and G > 1 else None
+            beams, picked = [], []
+            for g in range(G):
+                group_lp = log_probs[:, g]
+                ranked = group_lp
+                if counts is not None and g > 0:
+                    ranked = np.where(group_done[:, g, :, None], ended,
+                                      group_lp - np.float32(diversity) * counts[:, None, :]).astype(np.float32)
+                candidates = (ranked_scores[:, g, :, None] + ranked).reshape(N, Kg * V)
+                flat = _topk(candidates, Kg)
+                top = np.take_along_axis(candidates, flat, axis=1)
+                gb = greedy_beam[:, g]
+                greedy_flat = gb * V + ranked[images_idx, gb].argmax(axis=1)
+                lost = ~(flat == greedy_flat[:, None]).any(axis=1)
+                flat[lost, Kg - 1] = greedy_flat[lost]
+                top[lost, Kg - 1] = candidates[lost, greedy_flat[lost]]
+                greedy_beam[:, g] = (flat == greedy_flat[:, None]).astype(np.int32).argmax(axis=1)
+                ranked_scores[:, g] = top
+                scores[:, g] = np.take_along_axis((scores[:, g, :, None] + group_lp).reshape(N, Kg * V), flat, axis=1)
+                beam, chosen = flat // V, flat % V
+                if counts is not None:
+                    live = ~np.take_along_axis(group_done[:, g], beam, axis=1) & np.isfinite(top)
+                    np.add.at(counts, (np.repeat(images_idx, Kg), chosen.reshape(-1)), live.reshape(-1))
+                beams.append(beam + g * Kg)
+                picked.append(chosen)
+            beam, chosen = np.concatenate(beams, axis=1), np.concatenate(picked, axis=1)
             rows = (beam + images_idx[:, None] * K).reshape(-1)
             state = {k: (v[self._rows(rows, N * K)] if k in self.carried else v) for k, v in state.items()}
             captions = np.take_along_axis(captions, beam[..., None], axis=1).copy()
@@ -328,9 +355,14 @@ class ExportedCaptioner:
             words = chosen.reshape(-1)
             if done.all():
                 break
-        final = scores / np.maximum(lengths, 1.0) ** length_penalty if length_penalty else scores
+        flat_scores = scores.reshape(N, K)
+        final = flat_scores
+        if length_penalty:
+            length = np.maximum(lengths, 1.0)
+            final = flat_scores / (length ** length_penalty if length_norm == "power"
+                                   else ((5.0 + length) / 6.0) ** length_penalty)
         best = final.argmax(axis=1)
-        return captions[images_idx, best], scores[images_idx, best]
+        return captions[images_idx, best], flat_scores[images_idx, best]
 
     # ------------------------------------------------------------------------------------ text
     def text(self, ids: np.ndarray) -> str:
@@ -342,10 +374,31 @@ class ExportedCaptioner:
                 words.append(self.words[i])
         return " ".join(words)
 
-    def caption_files(self, files, beam_size: int = 1, max_length: int = 20) -> list[tuple[str, float]]:
+    def caption_files(self, files, beam_size: int = 1, max_length: int = 20, groups: int = 1,
+                      diversity: float = 0.0, block_ngrams: int = 0) -> list[tuple[str, float]]:
         images = np.stack([self.preprocess(f) for f in files])
-        captions, log_probs = self.beam(images, beam_size, max_length)
+        captions, log_probs = self.beam(images, beam_size, max_length, groups=groups, diversity=diversity,
+                                        block_ngrams=block_ngrams)
         return [(self.text(c), float(p)) for c, p in zip(captions, log_probs, strict=True)]
+
+
+def _block_ngrams(log_probs: np.ndarray, history: np.ndarray, n: int, end_id: int) -> np.ndarray:
+    """log_probs (R, V) with every word that would repeat an n-gram of its row's history (R, t) at -inf,
+    renormalised (``captioning.models.decoding.StepRules``); unchanged when n = 0."""
+    t = history.shape[1]
+    if not n or t < n - 1 or (n > 1 and t < n):
+        return log_probs
+    out = log_probs.copy()
+    if n == 1:
+        np.put_along_axis(out, history, -np.inf, axis=1)
+    else:
+        windows = np.lib.stride_tricks.sliding_window_view(history, n, axis=1)  # (R, t - n + 1, n)
+        match = (windows[:, :, :-1] == history[:, None, t - n + 1:]).all(axis=2)
+        r, m = np.nonzero(match)
+        out[r, windows[r, m, -1]] = -np.inf
+    out[np.isinf(out).all(axis=1), end_id] = 0.0
+    top = out.max(axis=1, keepdims=True)
+    return (out - (top + np.log(np.exp(out - top).sum(axis=1, keepdims=True)))).astype(np.float32)
 
 
 def _topk(values: np.ndarray, k: int) -> np.ndarray:
@@ -360,10 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--groups", type=int, default=1, help="diverse beam search: beam groups (beam %% groups == 0)")
+    parser.add_argument("--diversity", type=float, default=0.0, help="diverse beam search: the Hamming penalty")
+    parser.add_argument("--block-ngrams", type=int, default=0, help="no n-gram twice in a caption (3: trigrams)")
     args = parser.parse_args(argv)
     captioner = ExportedCaptioner(args.folder)
-    for path, (caption, log_prob) in zip(args.images, captioner.caption_files(args.images, args.beam, args.max_length),
-                                         strict=True):
+    captions = captioner.caption_files(args.images, args.beam, args.max_length, args.groups, args.diversity,
+                                       args.block_ngrams)
+    for path, (caption, log_prob) in zip(args.images, captions, strict=True):
         print(f"{path}\t{caption}\t{log_prob:.4f}")
     return 0
 
