@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .metrics import CiderD, tokenize
 from .models import CaptioningRNN
-from .models.decoding import BAD_ENDINGS, greedy_decode, step_decode
+from .models.decoding import BAD_ENDINGS, StepRules, greedy_decode, step_decode
 
 __all__ = ["BASELINES", "BAD_ENDINGS", "CrossEntropy", "Objective", "SelfCritical"]
 
@@ -230,15 +230,13 @@ class SelfCritical(Objective):
         """K samples per image (N*K rows, image-major), decoded in chunks of ``max_rows``; and the mean
         entropy of the sampling distribution over the steps of the rows still going."""
         rows = features.repeat_interleave(self.num_samples, dim=0)
-        forbid = self._bad_ids.to(features.device) if self.bad_ending == "forbid" and len(self._bad_ids) else None
+        # bad_ending=forbid: no <END> right after a bad ending word, the rule every decoder has (StepRules)
+        rules = StepRules(bad_ids=self._bad_ids, end_id=decoder.end_id) if self.bad_ending == "forbid" else None
         end, null, temperature = decoder.end_id, decoder.null_id, self.temperature
         entropy = [features.new_zeros((), dtype=torch.float32), features.new_zeros((), dtype=torch.long)]
 
         def draw(log_probs: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-            logits = log_probs / temperature
-            if forbid is not None:  # no <END> right after a bad ending word
-                logits[torch.isin(previous, forbid), end] = float("-inf")
-            tempered = logits.log_softmax(dim=1)
+            tempered = (log_probs / temperature).log_softmax(dim=1)
             live = (previous != end) & (previous != null)
             p = tempered.exp()
             entropy[0] = entropy[0] - (p * tempered.nan_to_num(neginf=0.0)).sum(dim=1)[live].sum()
@@ -246,7 +244,7 @@ class SelfCritical(Objective):
             words = torch.multinomial(p, 1).squeeze(1)
             return words, tempered.gather(1, words.unsqueeze(1)).squeeze(1)
 
-        chunks = [step_decode(decoder, rows[start:start + self.max_rows], self.max_length, draw).captions
+        chunks = [step_decode(decoder, rows[start:start + self.max_rows], self.max_length, draw, rules).captions
                   for start in range(0, rows.shape[0], self.max_rows)]
         return torch.cat(chunks), entropy[0] / entropy[1].clamp(min=1)
 
