@@ -7,7 +7,8 @@ Each strategy is one ``src/eval.py`` run per checkpoint (through the entry point
 metrics only, no Java), and with several checkpoints also one run of all of them as an ensemble
 (``'ckpt_path=[a,b,c]'``) and, with ``--average``, of their averaged weights (scripts/average_checkpoints.py).
 Rows: BLEU-4, CIDEr-D, the grounded metric where the data has one (object precision, true captions), the share of
-distinct captions, and eval.py's wall time, as mean ± spread over the checkpoints; written to
+distinct captions, for n-best strategies the share of images with a true caption among the list and the distinct
+bigrams within a list, and eval.py's wall time, as mean ± spread over the checkpoints; written to
 ``outputs/compare_decoding/<time>/decoding.{json,md}``.
 """
 
@@ -25,11 +26,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = {  # name -> eval.py overrides
     "greedy": ["decoding=greedy"],
-    "beam3": ["decoding=beam", "decoding.beam_size=3"],
-    "beam5": ["decoding=beam", "decoding.beam_size=5"],
+    # "most likely": length_penalty=0; the beam default (log p per word) is beam5_power1
+    "beam3": ["decoding=beam", "decoding.beam_size=3", "decoding.length_penalty=0"],
+    "beam5": ["decoding=beam", "decoding.beam_size=5", "decoding.length_penalty=0"],
+    "beam5_power1": ["decoding=beam", "decoding.beam_size=5", "decoding.length_penalty=1.0"],
+    "beam3_gnmt": ["decoding=beam", "decoding.beam_size=3", "decoding.length_norm=gnmt", "decoding.length_penalty=1.0"],
     "beam5_gnmt": ["decoding=beam", "decoding.beam_size=5", "decoding.length_norm=gnmt", "decoding.length_penalty=1.0"],
-    "diverse2x3": ["decoding=diverse_beam"],
-    "beam3_block3": ["decoding=beam", "decoding.beam_size=3", "decoding.block_ngrams=3"],
+    "diverse2x3": ["decoding=diverse_beam", "decoding.length_penalty=0"],
+    "beam6_6best": ["decoding=beam", "decoding.beam_size=6", "decoding.n_best=6", "decoding.length_penalty=0"],
+    "diverse2x3_6best": ["decoding=diverse_beam", "decoding.n_best=6", "decoding.length_penalty=0"],
+    "nucleus_6best": ["decoding=sample", "decoding.top_p=0.9", "decoding.seed=0", "decoding.n_best=6"],
+    "beam3_block3": ["decoding=beam", "decoding.beam_size=3", "decoding.block_ngrams=3", "decoding.length_penalty=0"],
     "greedy_repetition": ["decoding=greedy", "decoding.repetition_penalty=1.2"],
     "nucleus": ["decoding=sample", "decoding.top_p=0.9", "decoding.seed=0"],
     "sample": ["decoding=sample", "decoding.seed=0"],
@@ -40,6 +47,8 @@ COLUMNS = {  # metrics.json path -> column
     ("grounding", "precision"): "object precision",
     ("grounding", "correct"): "true captions",
     ("fast", "distinct"): "distinct",
+    ("nbest", "any_true"): "n-best: any true",
+    ("nbest", "distinct_2"): "n-best: distinct bigrams",
 }
 
 
@@ -70,6 +79,9 @@ def write_table(rows: list[dict], path: Path, members: int) -> str:
     for row in rows:
         cells = []
         for c in columns:
+            if row.get(c) is None:
+                cells.append("-")
+                continue
             spread = row.get(f"{c} spread", 0.0)
             cells.append(f"{row[c]:.3f}" + (f" ± {spread:.3f}" if row["members"] > 1 and spread else ""))
         lines.append(f"| {row['decoding']} | " + " | ".join(cells) + f" | {row['wall_s']:.0f} |")

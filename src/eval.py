@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from captioning.evaluation import checkpoint_data_config, print_table
+from captioning.evaluation import checkpoint_data_config, nbest_report, print_table
 from captioning.io import write_json
 from captioning.metrics import coco_caption_eval
 from captioning.module import load_ensemble
@@ -125,6 +125,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         # sampler's repeated images), so unlike the caption metrics it is not exact across device counts
         "loss": None if loss is None else float(loss),
         "official": None,
+        # decoding.n_best > 1: the lists judged as the predictions are (per rank, the oracle, how distinct)
+        "nbest": nbest_report(result.nbest, result) if result.nbest else None,
         "seconds": seconds,
     }
     write_json(output_dir / "metrics.json", report)  # the fast numbers survive a failing Java evaluation
@@ -146,6 +148,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     write_json(output_dir / "metrics.json", report)
 
     print_table(fast, official, f"{cfg.split} split: {len(predictions)} images, {module.decoding!r}", grounding)
+    if report["nbest"]:
+        lists = report["nbest"]
+        truth = " / ".join(f"{r['correct']:.3f}" for r in lists["by_rank"] if "correct" in r)
+        Console().print(f"n-best lists of {lists['size']}: distinct captions per list {lists['distinct_captions']:.3f}, "
+                        f"distinct bigrams {lists['distinct_2']:.3f}"
+                        + (f"; true at rank 1..{lists['size']}: {truth}; any true: {lists['any_true']:.3f}"
+                           if "any_true" in lists else "") + f" ({output_dir / 'nbest.json'})")
     timing = ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items())
     Console().print(f"time: {timing}\nwritten: {output_dir / 'predictions.json'}, {output_dir / 'metrics.json'}")
     return report

@@ -88,8 +88,8 @@ def test_the_page_table_escapes_and_names_errors(tmp_path):
     page = _table([(tmp_path / "a.png", beams, None)])  # a beam's n-best list under its caption, best first
     assert "<ol class='nbest' start='2'" in page and "a red &lt;circle&gt; <span class='log-prob'>(-2.250)" in page
     demo = DemoCaptioner.__new__(DemoCaptioner)
-    demo.max_length = 16
-    assert demo.decoder("beam", 4).n_best == 4 and demo.decoder("greedy", 4).n_best == 1
+    demo.max_length, demo.length_penalty = 16, 1.0
+    assert demo.decoder("beam", 4).n_best == 4 and demo.decoder("beam", 4).length_penalty == 1.0 and demo.decoder("greedy", 4).n_best == 1
     assert DemoCaptioner.caption(DemoCaptioner.__new__(DemoCaptioner), [])[0].startswith("<p")
 
 
@@ -161,7 +161,7 @@ def test_queued_requests_with_the_same_settings_are_decoded_as_one_batch(tmp_pat
                     for k in range(len(images))]
 
     demo = DemoCaptioner.__new__(DemoCaptioner)
-    demo.captioner, demo.max_length = Captioner(), 16
+    demo.captioner, demo.max_length, demo.length_penalty = Captioner(), 16, 1.0
     files = [[tmp_path / "a.png", tmp_path / "b.png"], [tmp_path / "c.png", tmp_path / "gone.jpg"], [tmp_path / "d.png"]]
     tables, galleries = demo.caption_batch(files, ["greedy", "beam", "greedy"], [3, 3, 5])
     # two settings: greedy (requests 1 and 3: three images, one batch), beam 3 (request 2: its readable image)

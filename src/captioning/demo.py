@@ -31,8 +31,9 @@ STRATEGIES = ("greedy", "beam")
 class DemoCaptioner:
     """What the page's button runs: uploaded files -> an HTML table of captions and attention overlays."""
 
-    def __init__(self, captioner: Captioner, max_length: int = 20) -> None:
-        self.captioner, self.max_length = captioner, max_length
+    def __init__(self, captioner: Captioner, max_length: int = 20, length_penalty: float = 1.0) -> None:
+        # beam search ranks by log p per word, as conf/decoding/beam.yaml does (README, "Decoding")
+        self.captioner, self.max_length, self.length_penalty = captioner, max_length, length_penalty
 
     def decoder(self, strategy: str, beam_size: int) -> CaptionDecoder:
         if strategy not in STRATEGIES:
@@ -40,7 +41,8 @@ class DemoCaptioner:
         beam = int(beam_size) if strategy == "beam" else 1
         # a beam's other hypotheses are shown under its caption (the n-best list, best first)
         return CaptionDecoder(strategy="beam" if strategy == "beam" else "greedy", max_length=self.max_length,
-                              beam_size=beam, n_best=beam if beam > 1 else 1)
+                              beam_size=beam, n_best=beam if beam > 1 else 1,
+                              length_penalty=self.length_penalty if beam > 1 else 0.0)
 
     def caption(self, files: Sequence[Any] | None, strategy: str = "greedy", beam_size: int = 3) -> tuple[str, list]:
         """One request: its files -> (HTML table, gallery of (overlay, label))."""

@@ -23,7 +23,7 @@ from rich.table import Table
 from .progress import to_log_file
 
 __all__ = ["METRIC_ORDER", "checkpoint_data_config", "command_line_data_group", "command_line_data_keys",
-           "data_from_checkpoint", "merge_data_config", "print_table"]
+           "data_from_checkpoint", "merge_data_config", "nbest_report", "print_table"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,31 @@ def merge_data_config(data: DictConfig, saved: Mapping[str, Any], explicit: set[
         for key in wanted:
             data[key] = saved[key]
     return wanted
+
+
+def nbest_report(nbest: Mapping[int, list[tuple[str, float]]], result: Any) -> dict[str, Any]:
+    """What the n-best lists hold, judged like the predictions: per rank the grounded scores of the rank-k
+    captions (where the data knows what the images show), the share of images with at least one true caption in
+    their list (the list's oracle), the distinct captions per list and the distinct bigrams within a list
+    (Distinct-2, Li et al. 2016: how different the alternatives are, the point of diverse beam search)."""
+    size = max((len(entries) for entries in nbest.values()), default=0)
+    distinct, distinct_2 = [], []
+    for entries in nbest.values():
+        texts = [text for text, _ in entries]
+        distinct.append(len(set(texts)) / len(texts) if texts else 0.0)
+        bigrams = [tuple(words[i:i + 2]) for words in (t.split() for t in texts) for i in range(len(words) - 1)]
+        distinct_2.append(len(set(bigrams)) / len(bigrams) if bigrams else 0.0)
+    report: dict[str, Any] = {"size": size, "distinct_captions": sum(distinct) / max(len(distinct), 1),
+                              "distinct_2": sum(distinct_2) / max(len(distinct_2), 1), "by_rank": []}
+    any_true: dict[int, bool] = {}
+    for rank in range(size):
+        captions = {i: entries[rank][0] for i, entries in nbest.items() if len(entries) > rank}
+        report["by_rank"].append({"rank": rank + 1, "images": len(captions), **result.ground(captions)})
+        for image_id, verdict in result.verdicts(captions).items():
+            any_true[image_id] = any_true.get(image_id, False) or bool(verdict.correct)
+    if any_true:
+        report["any_true"] = sum(any_true.values()) / len(any_true)
+    return report
 
 
 def print_table(fast: Mapping[str, float], official: Mapping[str, float] | None, title: str,

@@ -375,10 +375,13 @@ class ExportedCaptioner:
         return " ".join(words)
 
     def caption_files(self, files, beam_size: int = 1, max_length: int = 20, groups: int = 1,
-                      diversity: float = 0.0, block_ngrams: int = 0) -> list[tuple[str, float]]:
+                      diversity: float = 0.0, block_ngrams: int = 0, length_penalty: float = 1.0,
+                      length_norm: str = "power") -> list[tuple[str, float]]:
+        """(caption, log p) of each image file; beam search ranks by log p per word by default, as the package's
+        ``decoding=beam`` does (``length_penalty=0``: the most likely caption)."""
         images = np.stack([self.preprocess(f) for f in files])
-        captions, log_probs = self.beam(images, beam_size, max_length, groups=groups, diversity=diversity,
-                                        block_ngrams=block_ngrams)
+        captions, log_probs = self.beam(images, beam_size, max_length, length_penalty, groups=groups,
+                                        diversity=diversity, block_ngrams=block_ngrams, length_norm=length_norm)
         return [(self.text(c), float(p)) for c, p in zip(captions, log_probs, strict=True)]
 
 
@@ -416,10 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=1, help="diverse beam search: beam groups (beam %% groups == 0)")
     parser.add_argument("--diversity", type=float, default=0.0, help="diverse beam search: the Hamming penalty")
     parser.add_argument("--block-ngrams", type=int, default=0, help="no n-gram twice in a caption (3: trigrams)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam search picks max log p / lp(length); 0: the most likely caption (default 1.0)")
+    parser.add_argument("--length-norm", choices=("power", "gnmt"), default="power",
+                        help="lp = length ** penalty (power) or ((5 + length) / 6) ** penalty (gnmt)")
     args = parser.parse_args(argv)
     captioner = ExportedCaptioner(args.folder)
     captions = captioner.caption_files(args.images, args.beam, args.max_length, args.groups, args.diversity,
-                                       args.block_ngrams)
+                                       args.block_ngrams, args.length_penalty, args.length_norm)
     for path, (caption, log_prob) in zip(args.images, captions, strict=True):
         print(f"{path}\t{caption}\t{log_prob:.4f}")
     return 0
