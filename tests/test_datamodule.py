@@ -579,3 +579,36 @@ def test_pin_memory_auto_pins_only_for_a_gpu(coco_root):
     assert dm._pin_memory() is True
     dm.trainer = None
     assert make_dm(root, year, pin_memory=True)._pin_memory() is True
+
+
+def test_encoded_captions_are_cached_keyed_by_captions_vocabulary_and_length(tmp_path, monkeypatch):
+    """The training captions' ids are computed once and read back by the next start; any change to the captions,
+    the vocabulary or max_length is another key, and the older file is replaced (one per split)."""
+    import numpy as np
+
+    from captioning.data.datasets import encode_captions
+    from captioning.data.vocab import Vocabulary
+
+    captions = ["A red square.", "a blue circle on the left", "two green stars and a very long tail of words"]
+    vocab = Vocabulary.build(captions)
+    plain = [vocab.encode(c, 6) for c in captions]
+    ids, lengths = encode_captions(captions, vocab, 6, tmp_path)
+    assert lengths.tolist() == [len(e) for e in plain]
+    assert [row[:n].tolist() for row, n in zip(ids, lengths)] == plain and ids.dtype == np.int64
+    assert all(row[n:].sum() == 0 for row, n in zip(ids, lengths))  # <NULL> padding
+    (cached,) = tmp_path.glob("train-*.npz")
+
+    def refuse(*args):
+        raise AssertionError("encoded again instead of read from the cache")
+
+    monkeypatch.setattr(Vocabulary, "encode", refuse)
+    again, again_lengths = encode_captions(captions, vocab, 6, tmp_path)
+    assert np.array_equal(again, ids) and np.array_equal(again_lengths, lengths)
+    monkeypatch.undo()
+    for changed in ((captions[:2] + ["a red circle"], vocab, 6), (captions, vocab, 5),
+                    (captions, Vocabulary.build(captions + ["a star"]), 6)):
+        ids2, _ = encode_captions(*changed, tmp_path)
+        assert [row[:n].tolist() for row, n in zip(ids2, _)] == [changed[1].encode(c, changed[2]) for c in changed[0]]
+        (latest,) = tmp_path.glob("train-*.npz")
+        assert latest != cached
+        cached = latest

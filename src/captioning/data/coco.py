@@ -417,8 +417,11 @@ class CocoCaptionsDataModule(L.LightningDataModule):
                 require_images(split, role)
                 source = self._image_source(role, split)
                 self._maybe_hold_in_memory(role, source)
-            dataset_type = CaptionPairDataset if role == "train" else CaptionedImageDataset
-            self.datasets[role] = dataset_type(split, vocab, self.vocab_options.max_length, source)
+            if role == "train":  # its captions encoded once, then read back by every later start
+                self.datasets[role] = CaptionPairDataset(split, vocab, self.vocab_options.max_length, source,
+                                                         cache=self._writable_home("captions"))
+            else:
+                self.datasets[role] = CaptionedImageDataset(split, vocab, self.vocab_options.max_length, source)
 
     @property
     def bad_images(self) -> dict[str, list[str]]:

@@ -8,8 +8,11 @@ encoded captions, and :class:`SkippingCollate` drops the bad ones from a batch.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import zlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +35,56 @@ __all__ = [
     "TransformedImages",
     "collate_captions",
     "decoded_megabytes",
+    "encode_captions",
 ]
+
+CAPTION_CACHE_VERSION = 1  # bump when Vocabulary.encode changes what ids a caption gets
+
+
+def encode_captions(captions: Sequence[str], vocab: Vocabulary, max_length: int, cache: Path | None = None,
+                    name: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Captions -> (ids (P, max_length + 2) int64 padded with ``<NULL>``, lengths (P,)): ``Vocabulary.encode``
+    of each.
+
+    With ``cache`` (a folder) the result is kept in ``<cache>/<name>-<key>.npz`` and read back by the next run
+    with the same captions, vocabulary and max_length (the key hashes all three), so a second start of a
+    COCO-sized run (591k captions: ~7 s of encoding) skips the work. A changed caption, vocabulary or
+    max_length gives another key; the file of an older key is replaced. A cache that cannot be written (a
+    read-only disk) is skipped.
+    """
+    key = None
+    if cache is not None:
+        digest = hashlib.sha1(f"v{CAPTION_CACHE_VERSION}|{max_length}|".encode())
+        digest.update("\x00".join(vocab.idx_to_word).encode())
+        digest.update(b"\x01")
+        digest.update("\x00".join(captions).encode("utf-8", "surrogatepass"))
+        key = digest.hexdigest()[:20]
+        path = Path(cache) / f"{name}-{key}.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as stored:
+                    ids, lengths = stored["ids"].astype(np.int64), stored["lengths"].astype(np.int64)
+                if ids.shape == (len(captions), max_length + 2):
+                    return ids, lengths
+            except (OSError, ValueError, KeyError, EOFError):
+                pass  # a damaged file is rebuilt below
+    encoded = [vocab.encode(c, max_length) for c in captions]
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    ids = np.zeros((len(encoded), max_length + 2), dtype=np.int64)
+    flat = np.fromiter((i for e in encoded for i in e), dtype=np.int64, count=int(lengths.sum()))
+    ids[np.arange(max_length + 2) < lengths[:, None]] = flat  # row-major: each row's ids, then the next row's
+    if key is not None:
+        try:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+            for old in Path(cache).glob(f"{name}-*.npz"):
+                old.unlink(missing_ok=True)
+            tmp = Path(cache) / f".{name}-{key}.tmp-{os.getpid()}.npz"
+            small = np.uint16 if len(vocab) < 2**16 else np.int32
+            np.savez(tmp, ids=ids.astype(small), lengths=lengths.astype(np.int32))
+            os.replace(tmp, Path(cache) / f"{name}-{key}.npz")
+        except OSError:
+            pass
+    return ids, lengths
 
 
 class ImageSource:
@@ -134,18 +186,17 @@ Source = Callable[[int], "dict[str, torch.Tensor] | BadImage"]
 class CaptionPairDataset(Dataset):
     """Training samples: one per (image, caption) pair.
 
-    Captions are encoded once up front into a padded int64 array (P, max_length + 2) so workers share it.
+    Captions are encoded once up front into a padded int64 array (P, max_length + 2) so workers share it
+    (:func:`encode_captions`; kept in ``cache`` for the next start when a folder is given).
     ``source(i)`` gives image ``i``'s pixels or cached features (or a BadImage, passed through).
     """
 
-    def __init__(self, split: CaptionSplit, vocab: Vocabulary, max_length: int, source: Source) -> None:
+    def __init__(self, split: CaptionSplit, vocab: Vocabulary, max_length: int, source: Source,
+                 cache: Path | None = None) -> None:
         self.split, self.source = split, source
-        encoded = [vocab.encode(c, max_length) for refs in split.references for c in refs]
         self.image_index = np.repeat(np.arange(len(split)), [len(r) for r in split.references])
-        self.lengths = np.asarray([len(e) for e in encoded], dtype=np.int64)
-        self.captions = np.zeros((len(encoded), max_length + 2), dtype=np.int64)
-        for row, e in zip(self.captions, encoded, strict=True):
-            row[: len(e)] = e
+        self.captions, self.lengths = encode_captions([c for refs in split.references for c in refs], vocab,
+                                                      max_length, cache)
 
     def __len__(self) -> int:
         return len(self.captions)
