@@ -155,7 +155,9 @@ def test_a_stage_result_scores_captions_and_grounds_only_the_images_it_knows():
     result = StageResult("val", CaptionScorer(references), scenes)
     captions = {1: "a small white triangle at the bottom", 2: "a red star", 3: "an image nobody drew"}
     result.score(captions)
-    assert result.predictions == captions and set(result.metrics) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
+    assert result.predictions == captions and set(result.metrics) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider",
+                                                                               "distinct"}
+    assert result.metrics["distinct"] == pytest.approx(1.0)  # three different captions of three images
     # image 3 has no scene: the grounded numbers are those of images 1 and 2 alone
     assert result.grounding == scenes({1: captions[1], 2: captions[2]})
     assert result.grounding["precision"] == pytest.approx(1 / 2)
