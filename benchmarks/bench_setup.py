@@ -8,7 +8,8 @@ Writes a caption set of ``--images`` training images with 5 captions each (COCO'
 vocabulary of ~10k words drawn Zipf-like) plus 5,000 validation images, in every source's layout: COCO's official
 ``annotations/captions_{train,val}2017.json``; ``data=folder``'s ``captions.csv`` with one row per caption and a
 split column; ``data=hf``'s hub-style parquet files (one row per image, its captions a list; distinct 16 px PNGs
-in the rows). The image files are hard links of a few small JPEGs (the set-up reads names, not pixels), and images
+in the rows). Cold is a start with nothing kept beside the data (no vocabulary, parsed splits, encoded captions
+or written-out images); warm, a second start that reads them. The image files are hard links of a few small JPEGs (the set-up reads names, not pixels), and images
 are not held in memory (``cache_images=false``): this measures what the set-up costs, not decoding. Each start runs
 in its own process (peak resident memory is the process' ``ru_maxrss``); ``--small`` is the same set at 4,000
 images, so the table shows how the cost grows with N.
@@ -131,10 +132,12 @@ def child(source: str, root: Path) -> None:
 
 
 def clear_caches(root: Path) -> None:
-    for vocab in (root / "coco").glob("vocab_*.json"):
-        vocab.unlink()
-    for vocab in (root / "hf").glob("vocab_*.json"):
-        vocab.unlink()
+    """Everything a start keeps beside the data: the vocabulary, the parsed splits and encoded captions
+    (``captions/``), the images a Hugging Face dataset wrote out, its datasets cache."""
+    for source in ("coco", "hf"):
+        for vocab in (root / source).glob("vocab_*.json"):
+            vocab.unlink()
+        shutil.rmtree(root / source / "captions", ignore_errors=True)
     shutil.rmtree(root / "hf" / "images", ignore_errors=True)
     shutil.rmtree(root / "hf-home", ignore_errors=True)
 

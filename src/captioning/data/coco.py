@@ -58,6 +58,7 @@ from captioning.data.options import (
     option_names,
     parse_options,
 )
+from captioning.data.split_cache import cached_splits
 from captioning.data.sampling import TrainingPosition, training_position, training_sampler
 from captioning.data.transforms import (
     CaptionAugment,
@@ -267,10 +268,17 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         key = (str(path), stat.st_size, stat.st_mtime_ns, self.restval) if stat else None
         cached = self._splits.get(name)
         if key is None or cached is None or cached[0] != key:
-            if self.split_source == "karpathy":
-                split = self._load_karpathy_split(name, key)
-            else:
-                split = load_caption_split(self.root, name, self.year)
+            def parse() -> dict[str, CaptionSplit]:
+                if self.split_source == "karpathy":
+                    return {name: self._load_karpathy_split(name, key)}
+                return {name: load_caption_split(self.root, name, self.year)}
+
+            if key is None:  # no file: the reader's error says what is missing
+                split = parse()[name]
+            else:  # parsed once, then read back by every later start (the image paths follow from the key)
+                split = cached_splits(self._writable_home("captions"), f"split-{name}",
+                                      (key, str(self.root.absolute()), self.split_source, self.year,
+                                       repr(self.splits)), parse)[name]
             self._splits[name] = (key, split)
         return self._splits[name][1]
 

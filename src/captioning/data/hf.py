@@ -273,7 +273,8 @@ class HuggingFaceDataModule(CaptionTableDataModule):
             if (p.suffix in (".arrow", ".parquet") or p.name in DATASET_FILES) and self.image_dir not in p.parents
         ) if local.is_dir() else []
         stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        return (self.path, stats, repr(self.columns), repr(self.split_names), repr(sorted(self.split_arguments.items())))
+        return (self.path, stats, str(self.image_dir), repr(self.columns), repr(self.split_names),
+                repr(sorted(self.split_arguments.items())))
 
     def _read_splits(self) -> dict[str, CaptionSplit]:
         table = read_hf_dataset(self.path, self.image_dir, **self.columns, splits=self.split_names,

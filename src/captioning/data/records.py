@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.annotations import CaptionSplit, clean_split
+from captioning.data.annotations import missing_images
 from captioning.data.coco import CocoCaptionsDataModule
+from captioning.data.split_cache import cached_splits
 
 __all__ = ["CaptionTable", "CaptionTableDataModule", "ROLES", "role_of", "seeded_split", "split_count", "split_images"]
 
@@ -142,6 +144,10 @@ def split_images(table: CaptionTable, split_seed: int = 0, val_size: int | float
     return splits
 
 
+def _images_present(splits: dict[str, CaptionSplit]) -> bool:
+    return not any(missing_images(split.image_paths) for split in splits.values())
+
+
 class CaptionTableDataModule(CocoCaptionsDataModule):
     """A caption set whose splits come from one read of its source (a subclass says how: :meth:`_source_key`,
     :meth:`_read_splits`, :meth:`_annotation_file`); everything else is the COCO DataModule's.
@@ -166,7 +172,11 @@ class CaptionTableDataModule(CocoCaptionsDataModule):
     def _layout_splits(self) -> dict[str, CaptionSplit]:
         key = self._source_key()
         if self._layout is None or self._layout[0] != key:
-            self._layout = (key, self._read_splits())
+            # read once, then read back by every later start while the source is unchanged and every image it
+            # resolved is still there (a folder's images may move while its captions file stays)
+            self._layout = (key, cached_splits(self._writable_home("captions"), "splits",
+                                               (type(self).__name__, key, str(self.root.absolute())),
+                                               self._read_splits, valid=_images_present))
         return self._layout[1]
 
     def _split_name(self, role: str) -> str:
