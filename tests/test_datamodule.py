@@ -601,7 +601,7 @@ def test_encoded_captions_are_cached_keyed_by_captions_vocabulary_and_length(tmp
     def refuse(*args):
         raise AssertionError("encoded again instead of read from the cache")
 
-    monkeypatch.setattr(Vocabulary, "encode", refuse)
+    monkeypatch.setattr(Vocabulary, "encode_batch", refuse)
     again, again_lengths = encode_captions(captions, vocab, 6, tmp_path)
     assert np.array_equal(again, ids) and np.array_equal(again_lengths, lengths)
     monkeypatch.undo()

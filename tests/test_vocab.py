@@ -1,7 +1,9 @@
 """Vocabulary: tokenisation, building with <UNK>, encoding with truncation, decoding, padding, persistence."""
 
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -126,3 +128,38 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=str(wrong)):
         Vocabulary.load(wrong)
     assert Vocabulary.read_metadata(corrupt) == {}
+
+
+TRICKY = ["The cat sat.", "", "   ", "...!", "a  dog\tran\nfast, very very fast today", "İstanbul Kelvin ΣΑΣ cat",
+          "x" * 40, "a-b_c 3d 42", "DOG", "cat\x01dog"]
+
+
+@pytest.mark.parametrize("captions", [TRICKY, TRICKY[:-1], [], ["one"]])
+@pytest.mark.parametrize("max_length", [1, 3, 16])
+def test_encode_batch_is_encode_of_every_caption(captions, max_length):
+    """The batched path (one joined text) gives each caption exactly Vocabulary.encode's ids, padded with <NULL>;
+    a caption holding the joiner takes the one-at-a-time path."""
+    vocab = Vocabulary.build(CAPTIONS + ["dog ran fast today istanbul kelvin"], min_word_count=1)
+    ids, lengths = vocab.encode_batch(captions, max_length)
+    assert ids.shape == (len(captions), max_length + 2) and ids.dtype == np.int64
+    for row, n, caption in zip(ids.tolist(), lengths.tolist(), captions, strict=True):
+        assert row[:n] == vocab.encode(caption, max_length) and not any(row[n:])
+
+
+def test_build_counts_as_tokenize_splits():
+    captions = TRICKY + CAPTIONS * 3
+    counts = Counter(w for c in captions for w in Vocabulary.tokenize(c))
+    for min_count in (1, 2, 4):
+        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        assert Vocabulary.build(iter(captions), min_count).idx_to_word == [*Vocabulary.SPECIALS, *kept]
+        assert Vocabulary.build(TRICKY[:-1] + CAPTIONS * 3, min_count) == Vocabulary.build(
+            [c for c in captions if "\x01" not in c], min_count)
+    assert [Vocabulary.has_words(c) for c in TRICKY] == [bool(Vocabulary.tokenize(c)) for c in TRICKY]
+
+
+@given(st.lists(st.text(alphabet="aBc zΣİ.,\n\t-9\x01", max_size=12), max_size=8), st.integers(1, 5))
+def test_encode_batch_property(captions, max_length):
+    vocab = Vocabulary.build(["a b c z 9 bc ab", "ab ab c"])
+    ids, lengths = vocab.encode_batch(captions, max_length)
+    assert [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())] == [vocab.encode(c, max_length) for c in captions]
+    assert Vocabulary.build(captions + ["a"]) == Vocabulary.build(iter(captions + ["a"]))

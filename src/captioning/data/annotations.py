@@ -113,7 +113,7 @@ def clean_split(annotation_file: Path, label: str, image_ids: Sequence[int], ima
     ids, paths, refs, kept_scenes, dropped, emptied = [], [], [], [], 0, []
     all_scenes = scenes if scenes is not None else [None] * len(image_ids)
     for image_id, path, captions, scene in zip(image_ids, image_paths, references, all_scenes, strict=True):
-        usable = [c.strip() for c in captions if Vocabulary.tokenize(c)]
+        usable = [c.strip() for c in captions if Vocabulary.has_words(c)]
         dropped += len(captions) - len(usable)
         if not usable:
             if captions:

@@ -68,11 +68,7 @@ def encode_captions(captions: Sequence[str], vocab: Vocabulary, max_length: int,
                     return ids, lengths
             except (OSError, ValueError, KeyError, EOFError):
                 pass  # a damaged file is rebuilt below
-    encoded = [vocab.encode(c, max_length) for c in captions]
-    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-    ids = np.zeros((len(encoded), max_length + 2), dtype=np.int64)
-    flat = np.fromiter((i for e in encoded for i in e), dtype=np.int64, count=int(lengths.sum()))
-    ids[np.arange(max_length + 2) < lengths[:, None]] = flat  # row-major: each row's ids, then the next row's
+    ids, lengths = vocab.encode_batch(captions, max_length)
     if key is not None:
         try:
             Path(cache).mkdir(parents=True, exist_ok=True)

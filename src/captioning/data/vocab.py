@@ -11,14 +11,31 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from captioning.io import read_json, write_json
 
 _NOT_WORD_CHARS = re.compile(r"[^a-z0-9 ]")
+_WORD_CHAR = re.compile(r"[a-z0-9]")
+_SEP = "\x01"  # between the captions of one joined text: not a word character, so no word holds it
+_NOT_WORD_OR_SEP = re.compile(r"[^a-z0-9 \x01]")
+
+
+def _joined_words(captions: Sequence[str]) -> list[str] | None:
+    """The words of every caption, as :meth:`Vocabulary.tokenize` splits them, in one list with ``_SEP`` between
+    captions: one lower-casing, one substitution and one split for the lot instead of three per caption (591k
+    COCO captions: ~1 s instead of ~5). None when a caption itself holds ``_SEP``."""
+    text = f" {_SEP} ".join(captions)
+    if text.count(_SEP) != max(len(captions) - 1, 0):
+        return None
+    # lower() maps character by character (the context rules change only letters tokenize drops), so the
+    # joined text lowers as each caption does
+    return _NOT_WORD_OR_SEP.sub(" ", text.lower()).split()
 
 
 class Vocabulary:
@@ -58,6 +75,11 @@ class Vocabulary:
         """Lower-case, replace everything but ``a-z``, ``0-9`` and spaces by a space, split on whitespace."""
         return _NOT_WORD_CHARS.sub(" ", caption.lower()).split()
 
+    @staticmethod
+    def has_words(caption: str) -> bool:
+        """Whether :meth:`tokenize` finds any word in ``caption`` (without making the list)."""
+        return _WORD_CHAR.search(caption.lower()) is not None
+
     @classmethod
     def build(cls, captions: Iterable[str], min_word_count: int = 1) -> Vocabulary:
         """Vocabulary of every word seen at least ``min_word_count`` times in ``captions``.
@@ -67,9 +89,15 @@ class Vocabulary:
         """
         if isinstance(min_word_count, bool) or not isinstance(min_word_count, int) or min_word_count < 1:
             raise ValueError(f"min_word_count must be an integer >= 1, got {min_word_count!r}.")
-        counts: Counter[str] = Counter()
-        for caption in captions:
-            counts.update(cls.tokenize(caption))
+        captions = captions if isinstance(captions, Sequence) else list(captions)
+        words = _joined_words(captions)
+        if words is None:
+            counts: Counter[str] = Counter()
+            for caption in captions:
+                counts.update(cls.tokenize(caption))
+        else:
+            counts = Counter(words)
+            counts.pop(_SEP, None)
         kept = sorted((w for w, n in counts.items() if n >= min_word_count), key=lambda w: (-counts[w], w))
         return cls([*cls.SPECIALS, *kept])
 
@@ -114,6 +142,33 @@ class Vocabulary:
             raise ValueError(f"max_length must be an integer >= 1 (words per caption), got {max_length!r}.")
         words = self.tokenize(caption)[:max_length]
         return [self.start_id, *(self[w] for w in words), self.end_id]
+
+    def encode_batch(self, captions: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode` of every caption at once: ids (P, max_length + 2) int64, each row padded with ``<NULL>``
+        after its ``<END>``, and the lengths (P,) of the encoded captions (``<START>`` and ``<END>`` included)."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1 (words per caption), got {max_length!r}.")
+        count = len(captions)
+        ids = np.zeros((count, max_length + 2), dtype=np.int64)
+        words = _joined_words(captions) if count else []
+        if words is None:  # a caption holds the separator: one at a time
+            encoded = [self.encode(c, max_length) for c in captions]
+            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=count)
+            ids[np.arange(max_length + 2) < lengths[:, None]] = np.concatenate([np.asarray(e) for e in encoded])
+            return ids, lengths
+        lookup = {**self.word_to_idx, _SEP: -1}
+        tokens = np.fromiter(map(lookup.get, words, repeat(self.unk_id)), dtype=np.int64, count=len(words))
+        is_sep = tokens == -1
+        caption = np.cumsum(is_sep)[~is_sep]  # (W,) the caption of each word
+        tokens = tokens[~is_sep]
+        per_caption = np.bincount(caption, minlength=count)
+        position = np.arange(len(tokens)) - (np.cumsum(per_caption) - per_caption)[caption]
+        kept = position < max_length
+        ids[caption[kept], position[kept] + 1] = tokens[kept]
+        kept_words = np.minimum(per_caption, max_length)
+        ids[:, 0] = self.start_id
+        ids[np.arange(count), kept_words + 1] = self.end_id
+        return ids, kept_words + 2
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Words of ``ids`` (a sequence or 1-D tensor) joined by spaces.
