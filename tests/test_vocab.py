@@ -136,9 +136,11 @@ TRICKY = ["The cat sat.", "", "   ", "...!", "a  dog\tran\nfast, very very fast 
 
 @pytest.mark.parametrize("captions", [TRICKY, TRICKY[:-1], [], ["one"]])
 @pytest.mark.parametrize("max_length", [1, 3, 16])
-def test_encode_batch_is_encode_of_every_caption(captions, max_length):
-    """The batched path (one joined text) gives each caption exactly Vocabulary.encode's ids, padded with <NULL>;
-    a caption holding the joiner takes the one-at-a-time path."""
+@pytest.mark.parametrize("chunk", [3, 50_000])
+def test_encode_batch_is_encode_of_every_caption(captions, max_length, chunk, monkeypatch):
+    """The batched path (joined texts of `chunk` captions) gives each caption exactly Vocabulary.encode's ids,
+    padded with <NULL>; a chunk with a caption holding the joiner takes the one-at-a-time path."""
+    monkeypatch.setattr("captioning.data.vocab._CHUNK", chunk)
     vocab = Vocabulary.build(CAPTIONS + ["dog ran fast today istanbul kelvin"], min_word_count=1)
     ids, lengths = vocab.encode_batch(captions, max_length)
     assert ids.shape == (len(captions), max_length + 2) and ids.dtype == np.int64
@@ -146,7 +148,9 @@ def test_encode_batch_is_encode_of_every_caption(captions, max_length):
         assert row[:n] == vocab.encode(caption, max_length) and not any(row[n:])
 
 
-def test_build_counts_as_tokenize_splits():
+@pytest.mark.parametrize("chunk", [2, 50_000])
+def test_build_counts_as_tokenize_splits(chunk, monkeypatch):
+    monkeypatch.setattr("captioning.data.vocab._CHUNK", chunk)
     captions = TRICKY + CAPTIONS * 3
     counts = Counter(w for c in captions for w in Vocabulary.tokenize(c))
     for min_count in (1, 2, 4):
