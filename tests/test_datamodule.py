@@ -594,8 +594,8 @@ def test_encoded_captions_are_cached_keyed_by_captions_vocabulary_and_length(tmp
     plain = [vocab.encode(c, 6) for c in captions]
     ids, lengths = encode_captions(captions, vocab, 6, tmp_path)
     assert lengths.tolist() == [len(e) for e in plain]
-    assert [row[:n].tolist() for row, n in zip(ids, lengths)] == plain and ids.dtype == np.int64
-    assert all(row[n:].sum() == 0 for row, n in zip(ids, lengths))  # <NULL> padding
+    assert [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)] == plain and ids.dtype == np.int64
+    assert all(row[n:].sum() == 0 for row, n in zip(ids, lengths, strict=True))  # <NULL> padding
     (cached,) = tmp_path.glob("train-*.npz")
 
     def refuse(*args):
@@ -608,7 +608,7 @@ def test_encoded_captions_are_cached_keyed_by_captions_vocabulary_and_length(tmp
     for changed in ((captions[:2] + ["a red circle"], vocab, 6), (captions, vocab, 5),
                     (captions, Vocabulary.build(captions + ["a star"]), 6)):
         ids2, _ = encode_captions(*changed, tmp_path)
-        assert [row[:n].tolist() for row, n in zip(ids2, _)] == [changed[1].encode(c, changed[2]) for c in changed[0]]
+        assert [row[:n].tolist() for row, n in zip(ids2, _, strict=True)] == [changed[1].encode(c, changed[2]) for c in changed[0]]
         (latest,) = tmp_path.glob("train-*.npz")
         assert latest != cached
         cached = latest

@@ -211,7 +211,7 @@ def test_bad_endings_are_never_followed_by_end_in_any_strategy():
     feats = torch.randn(200, 2)
 
     def bad_pairs(captions):
-        return sum(1 for r in captions.tolist() for a, b in zip(r, r[1:]) if a in (4, 5) and b == END)
+        return sum(1 for r in captions.tolist() for a, b in zip(r, r[1:], strict=False) if a in (4, 5) and b == END)
 
     for kind, extra in (("greedy", {}), ("beam", {"beam_size": 3}), ("sample", {"seed": 1})):
         settled = CaptionDecoder(kind, max_length=8, bad_endings=["a", "the"], **extra).for_model(False, Vocab())
@@ -308,10 +308,10 @@ def test_an_ensemble_step_is_the_mean_of_the_members_log_probabilities():
     ensemble = Ensemble(encoders, decoders)
     state = ensemble.init_state(images)
     words = torch.full((4,), START)
-    states = [d.init_state(e(images)) for d, e in zip(decoders, encoders)]
+    states = [d.init_state(e(images)) for d, e in zip(decoders, encoders, strict=True)]
     for _ in range(3):
         scores, state, _ = ensemble.step(words, state)
-        outs = [d.step(words, s) for d, s in zip(decoders, states)]
+        outs = [d.step(words, s) for d, s in zip(decoders, states, strict=True)]
         states = [s for _, s, _ in outs]
         expected = (outs[0][0].log_softmax(-1) + outs[1][0].log_softmax(-1)) / 2
         torch.testing.assert_close(scores, expected)

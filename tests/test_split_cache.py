@@ -61,7 +61,7 @@ def test_cached_splits_builds_once_replays_warnings_and_rebuilds_a_damaged_file(
 
     def build():
         calls.append(1)
-        warnings.warn("dropped 2 empty captions", UserWarning)
+        warnings.warn("dropped 2 empty captions", UserWarning, stacklevel=2)
         return {"train": _split("train", True)}
 
     for _ in range(2):
@@ -84,7 +84,7 @@ def test_cached_splits_builds_once_replays_warnings_and_rebuilds_a_damaged_file(
 
 def test_warnings_of_a_failing_parse_are_still_given(tmp_path):
     def build():
-        warnings.warn("3 rows repeat", UserWarning)
+        warnings.warn("3 rows repeat", UserWarning, stacklevel=2)
         raise ValueError("no train images")
 
     with pytest.warns(UserWarning, match="3 rows repeat"), pytest.raises(ValueError, match="no train images"):

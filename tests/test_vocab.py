@@ -165,5 +165,5 @@ def test_build_counts_as_tokenize_splits(chunk, monkeypatch):
 def test_encode_batch_property(captions, max_length):
     vocab = Vocabulary.build(["a b c z 9 bc ab", "ab ab c"])
     ids, lengths = vocab.encode_batch(captions, max_length)
-    assert [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())] == [vocab.encode(c, max_length) for c in captions]
+    assert [row[:n] for row, n in zip(ids.tolist(), lengths.tolist(), strict=True)] == [vocab.encode(c, max_length) for c in captions]
     assert Vocabulary.build(captions + ["a"]) == Vocabulary.build(iter(captions + ["a"]))

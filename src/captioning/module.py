@@ -511,8 +511,8 @@ def load_ensemble(
         member, _ = load_checkpoint(path, map_location)
         ours, theirs = module.vocab.idx_to_word, member.vocab.idx_to_word
         if ours != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            word = lambda words: repr(words[first]) if first < len(words) else "nothing"  # noqa: E731
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+            word = lambda words, first=first: repr(words[first]) if first < len(words) else "nothing"  # noqa: E731
             raise ValueError(
                 f"Cannot ensemble {path} with {paths[0]}: their vocabularies differ ({len(theirs)} vs {len(ours)} "
                 f"words; id {first} is {word(theirs)} in one and {word(ours)} in the other). An ensemble averages "

@@ -58,8 +58,8 @@ from captioning.data.options import (
     option_names,
     parse_options,
 )
-from captioning.data.split_cache import cached_splits
 from captioning.data.sampling import TrainingPosition, training_position, training_sampler
+from captioning.data.split_cache import cached_splits
 from captioning.data.transforms import (
     CaptionAugment,
     ImageContract,

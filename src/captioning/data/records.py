@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioning.data.annotations import CaptionSplit, clean_split
-from captioning.data.annotations import missing_images
+from captioning.data.annotations import CaptionSplit, clean_split, missing_images
 from captioning.data.coco import CocoCaptionsDataModule
 from captioning.data.split_cache import cached_splits
 

@@ -160,7 +160,7 @@ class Vocabulary:
             if words is None:  # a caption holds the separator: one at a time
                 encoded = [self.encode(c, max_length) for c in chunk]
                 lengths[start:start + len(chunk)] = [len(e) for e in encoded]
-                for row, e in zip(ids[start:start + len(chunk)], encoded):
+                for row, e in zip(ids[start:start + len(chunk)], encoded, strict=True):
                     row[:len(e)] = e
                 continue
             tokens = np.fromiter(map(lookup.get, words, repeat(self.unk_id)), dtype=np.int64, count=len(words))
