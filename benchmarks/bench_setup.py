@@ -9,8 +9,8 @@ vocabulary of ~10k words drawn Zipf-like) plus 5,000 validation images, in every
 ``annotations/captions_{train,val}2017.json``; ``data=folder``'s ``captions.csv`` with one row per caption and a
 split column; ``data=hf``'s hub-style parquet files (one row per image, its captions a list; distinct 16 px PNGs
 in the rows). Cold is a start with nothing kept beside the data (no vocabulary, parsed splits, encoded captions
-or written-out images); warm, a second start that reads them. The image files are hard links of a few small JPEGs (the set-up reads names, not pixels), and images
-are not held in memory (``cache_images=false``): this measures what the set-up costs, not decoding. Each start runs
+or written-out images); warm, a second start that reads them. The image files are hard links of a few small
+JPEGs (the set-up reads names, not pixels), and images are not held in memory (``cache_images=false``): this measures what the set-up costs, not decoding. Each start runs
 in its own process (peak resident memory is the process' ``ru_maxrss``); ``--small`` is the same set at 4,000
 images, so the table shows how the cost grows with N.
 """

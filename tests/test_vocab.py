@@ -139,7 +139,7 @@ TRICKY = ["The cat sat.", "", "   ", "...!", "a  dog\tran\nfast, very very fast 
 @pytest.mark.parametrize("chunk", [3, 50_000])
 def test_encode_batch_is_encode_of_every_caption(captions, max_length, chunk, monkeypatch):
     """The batched path (joined texts of `chunk` captions) gives each caption exactly Vocabulary.encode's ids,
-    padded with <NULL>; a chunk with a caption holding the joiner takes the one-at-a-time path."""
+    padded with <NULL>; a caption holding the joiner reads it as a space, as tokenize does."""
     monkeypatch.setattr("captioning.data.vocab._CHUNK", chunk)
     vocab = Vocabulary.build(CAPTIONS + ["dog ran fast today istanbul kelvin"], min_word_count=1)
     ids, lengths = vocab.encode_batch(captions, max_length)

@@ -9,7 +9,6 @@ encoded captions, and :class:`SkippingCollate` drops the bad ones from a batch.
 from __future__ import annotations
 
 import hashlib
-import os
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 from captioning.data.annotations import CaptionSplit
 from captioning.data.features import FeatureStore
 from captioning.data.images import BadImage, BadImageError, BadImageLog
+from captioning.data.split_cache import write_keyed_npz
 from captioning.data.transforms import ImagePipeline
 from captioning.data.vocab import Vocabulary, pad_captions
 
@@ -70,16 +70,9 @@ def encode_captions(captions: Sequence[str], vocab: Vocabulary, max_length: int,
                 pass  # a damaged file is rebuilt below
     ids, lengths = vocab.encode_batch(captions, max_length)
     if key is not None:
-        try:
-            Path(cache).mkdir(parents=True, exist_ok=True)
-            for old in Path(cache).glob(f"{name}-*.npz"):
-                old.unlink(missing_ok=True)
-            tmp = Path(cache) / f".{name}-{key}.tmp-{os.getpid()}.npz"
-            small = np.uint16 if len(vocab) < 2**16 else np.int32
-            np.savez(tmp, ids=ids.astype(small), lengths=lengths.astype(np.int32))
-            os.replace(tmp, Path(cache) / f"{name}-{key}.npz")
-        except OSError:
-            pass
+        small = np.uint16 if len(vocab) < 2**16 else np.int32
+        write_keyed_npz(Path(cache) / f"{name}-{key}.npz",
+                        {"ids": ids.astype(small), "lengths": lengths.astype(np.int32)})
     return ids, lengths
 
 

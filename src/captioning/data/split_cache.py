@@ -25,7 +25,7 @@ import numpy as np
 
 from captioning.data.annotations import CaptionSplit
 
-__all__ = ["SPLIT_CACHE_VERSION", "cached_splits", "load_splits", "save_splits"]
+__all__ = ["SPLIT_CACHE_VERSION", "cached_splits", "load_splits", "save_splits", "write_keyed_npz"]
 
 SPLIT_CACHE_VERSION = 1  # bump when a reader changes what it makes of the same files
 _SEP = "\x00"  # between captions in the stored text: no caption or path may hold it (such splits are not cached)
@@ -46,6 +46,23 @@ def _strings(stored: np.ndarray, count: int) -> list[str]:
     return strings
 
 
+def write_keyed_npz(path: Path, arrays: dict[str, np.ndarray]) -> bool:
+    """Write ``<dir>/<name>-<key>.npz`` atomically (DDP ranks or a second run may write the same key at once),
+    replacing the files of older keys of the same name; False when the disk refuses (a read-only root)."""
+    name = path.stem.rsplit("-", 1)[0]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{name}-*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
+
+
 def save_splits(path: Path, splits: dict[str, CaptionSplit], messages: list[str]) -> bool:
     """Write ``splits`` (and the warning ``messages`` to give again) to ``path``; False when they cannot be."""
     arrays: dict[str, np.ndarray] = {}
@@ -62,14 +79,7 @@ def save_splits(path: Path, splits: dict[str, CaptionSplit], messages: list[str]
         meta["meta"][name] = {"annotation_file": str(split.annotation_file), "dropped": int(split.dropped_captions),
                               "scenes": split.scenes}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: DDP ranks or a second run may write the same key at once
-    except OSError:
-        return False
-    return True
+    return write_keyed_npz(path, arrays)
 
 
 def load_splits(path: Path) -> tuple[dict[str, CaptionSplit], list[str]] | None:
@@ -117,7 +127,6 @@ def cached_splits(home: Path, name: str, key: Any, build: Callable[[], dict[str,
         for warning in caught:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    for old in Path(home).glob(f"{name}-*.npz"):
-        old.unlink(missing_ok=True)
-    save_splits(path, splits, messages)
+    if not save_splits(path, splits, messages):
+        path.unlink(missing_ok=True)  # not this key's splits (they could not be stored): never read back
     return splits
