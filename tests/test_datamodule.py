@@ -612,3 +612,46 @@ def test_encoded_captions_are_cached_keyed_by_captions_vocabulary_and_length(tmp
         (latest,) = tmp_path.glob("train-*.npz")
         assert latest != cached
         cached = latest
+
+
+# ------------------------------------------------------------------------------------------ captions_per_image
+@pytest.mark.parametrize("per_image", [2, 5])
+def test_samples_of_several_captions_cover_every_caption_once_with_its_image(coco_root, per_image):
+    root, year = coco_root
+    dm = make_dm(root, year, captions_per_image=per_image, min_word_count=1)
+    dm.prepare_data()
+    dm.setup("fit")
+    counts = [len(c) for c in TRAIN_CAPTIONS.values()]
+    # an image's captions in groups of per_image: 3 captions -> 2 + 1 with per_image=2
+    assert len(dm.datasets["train"]) == sum(-(-c // per_image) for c in counts)
+    assert dm.train_batch_size == max(1, 4 // per_image)
+    expected = {i: sorted(tuple(dm.vocab.encode(c, 5)) for c in caps) for i, caps in TRAIN_CAPTIONS.items()}
+    seen: dict[int, list[tuple[int, ...]]] = {i: [] for i in TRAIN_CAPTIONS}
+    for batch in dm.train_dataloader():
+        assert set(batch) == {"images", "captions", "image_ids", "image_index"}
+        images, index = batch["images"], batch["image_index"]
+        assert images.shape[0] <= dm.train_batch_size and index.shape == batch["image_ids"].shape
+        assert sorted(set(index.tolist())) == list(range(images.shape[0]))  # every image has captions
+        check_captions(batch["captions"], max_length=5)
+        for row, (image_id, caption) in enumerate(zip(batch["image_ids"].tolist(), batch["captions"].tolist(),
+                                                      strict=True)):
+            # the caption's image row is that image: the same pixels as a sample of one caption of it gives
+            seen[image_id].append(tuple(t for t in caption if t))
+            rows_of_it = (batch["image_ids"] == image_id).nonzero().flatten()
+            assert torch.equal(index[rows_of_it], index[row].expand(len(rows_of_it)))
+    assert {i: sorted(c) for i, c in seen.items()} == expected
+
+
+def test_a_flipped_image_mirrors_every_caption_of_it():
+    from captioning.data.transforms import CaptionAugment
+
+    augment = CaptionAugment(flip=0.5, translate=0.0, scale=[1.0, 1.0])
+    augment.bind({"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3, "left": 4, "right": 5})
+    torch.manual_seed(3)
+    images = torch.randn(6, 3, 4, 4)
+    index = torch.tensor([0, 0, 1, 1, 1, 2, 3, 4, 4, 5])
+    captions = torch.tensor([[1, 4, 2]]).expand(len(index), 3)
+    out_images, out_captions = augment(images, captions, index)
+    flipped = [bool(torch.allclose(out_images[i], images[i].flip(-1), atol=1e-5)) for i in range(6)]
+    assert any(flipped) and not all(flipped)
+    assert [row[1] for row in out_captions.tolist()] == [5 if flipped[i] else 4 for i in index.tolist()]

@@ -214,3 +214,22 @@ def _csv_rows(run):
         return list(csv.DictReader(f))
 
 assert REPO.is_dir()
+
+
+def test_an_image_with_several_captions_in_the_batch_is_sampled_for_once(monkeypatch):
+    objective = SelfCritical(num_samples=3, baseline="mean", xe_weight=0.5, max_length=6)
+    objective.use_references(REFERENCES, VOCAB)
+    decoder = toy_decoder().float()
+    sampled, rewarded = [], []
+    sample, rewards = objective._sample, objective.rewards
+    monkeypatch.setattr(objective, "_sample", lambda d, f: sampled.append(f.clone()) or sample(d, f))
+    monkeypatch.setattr(objective, "rewards", lambda i, s: rewarded.append(list(i)) or rewards(i, s))
+    image = torch.randn(2, 4)
+    batch = {"image_ids": torch.tensor([10, 10, 11]), "image_index": torch.tensor([0, 0, 1]),
+             "captions": torch.tensor([[START, *ids("a red square")], [START, *ids("a red circle")],
+                                       [START, *ids("a blue circle")]])}
+    loss, logs = objective(decoder, image[batch["image_index"]], batch)
+    loss.backward()
+    assert torch.equal(sampled[0], image)  # one row per image, not per caption
+    assert rewarded[0] == [10, 10, 10, 11, 11, 11]
+    assert torch.isfinite(logs["scst/xe_loss"])

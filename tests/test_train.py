@@ -65,6 +65,25 @@ def test_resume_from_last_checkpoint(tmp_path):
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]  # history carried over from the first run
 
 
+def test_several_captions_per_image_train_and_resume(tmp_path):
+    """data.captions_per_image=5: a sample is an image with its five captions, 16 captions a batch = 3 images."""
+    train_in_process(tmp_path, "first", "trainer.max_epochs=1", "test=false", "data.captions_per_image=5",
+                     "trainer.limit_train_batches=10", "trainer.limit_val_batches=1")
+    (first,) = run_dirs(tmp_path)
+    ckpt = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 10
+    # the data order is counted in samples (images) per batch: 3
+    position = next(v for k, v in ckpt.items() if k.endswith("DataModule"))["train_position"]
+    assert position["batch_size"] == 3 and position["epoch"] == 1
+    train_in_process(tmp_path, "second", "trainer.max_epochs=2", "test=false", "data.captions_per_image=5",
+                     "ckpt_path=last", "trainer.limit_val_batches=1")
+    second = [d for d in run_dirs(tmp_path) if d != first][0]
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 10 + 22  # then a whole epoch: ceil(64 images / 3)
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert all(torch.isfinite(torch.tensor(e["val/loss"])) for e in metrics["epochs"])
+
+
 def test_progress_lines_in_a_log_file(tmp_path):
     """stdout to a file (SLURM, CI, | tee): a plain progress line every N steps, not an epoch of silence."""
     overrides = [o for o in tiny(tmp_path, "trainer.max_epochs=2", "test=false",

@@ -290,10 +290,12 @@ class CaptioningModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------
     # Steps
     def encode(self, batch: Mapping[str, Any]) -> Tensor:
-        """Features (N, D, h, w): from the feature cache when the batch has them, else from the images."""
-        if "features" in batch:
-            return batch["features"]
-        return self.encoder(batch["images"])
+        """Features (N, D, h, w): from the feature cache when the batch has them, else from the images; one row
+        per caption (an image with several captions in the batch is encoded once, its row repeated)."""
+        features = batch["features"] if "features" in batch else self.encoder(batch["images"])
+        if "image_index" in batch:
+            features = features.index_select(0, batch["image_index"])
+        return features
 
     def forward(self, images: Tensor) -> Decoded:
         """Images (N, 3, S, S) -> decoded captions with the configured strategy (and ensemble)."""

@@ -249,7 +249,15 @@ class SelfCritical(Objective):
         return torch.cat(chunks), entropy[0] / entropy[1].clamp(min=1)
 
     def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
-        image_ids = batch["image_ids"].tolist()
+        captions_features = features
+        if "image_index" in batch:  # an image with several captions in the batch is sampled for once
+            index = batch["image_index"]
+            first = torch.ones_like(index, dtype=torch.bool)
+            first[1:] = index[1:] != index[:-1]
+            features = features[first]
+            image_ids = batch["image_ids"][first].tolist()
+        else:
+            image_ids = batch["image_ids"].tolist()
         K = self.num_samples
         was_training = decoder.training
         tic = time.perf_counter()
@@ -284,7 +292,7 @@ class SelfCritical(Objective):
             "scst/decode_seconds": torch.tensor(decode_seconds), "scst/reward_seconds": torch.tensor(reward_seconds),
         }
         if self.xe_weight:
-            xe = decoder(features, batch["captions"])
+            xe = decoder(captions_features, batch["captions"])
             logs["scst/xe_loss"] = xe.detach()
             loss = loss + self.xe_weight * xe
         return loss, logs

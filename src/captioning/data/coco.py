@@ -427,7 +427,8 @@ class CocoCaptionsDataModule(L.LightningDataModule):
                 self._maybe_hold_in_memory(role, source)
             if role == "train":  # its captions encoded once, then read back by every later start
                 self.datasets[role] = CaptionPairDataset(split, vocab, self.vocab_options.max_length, source,
-                                                         cache=self._writable_home("captions"))
+                                                         cache=self._writable_home("captions"),
+                                                         captions_per_image=self.loader.captions_per_image)
             else:
                 self.datasets[role] = CaptionedImageDataset(split, vocab, self.vocab_options.max_length, source)
 
@@ -467,6 +468,12 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         return {int(i): scene for i, scene in zip(data.image_ids, data.scenes, strict=True)}
 
     # ------------------------------------------------------------------ loaders
+    @property
+    def train_batch_size(self) -> int:
+        """Samples per training batch: ``batch_size`` captions, as ``batch_size // captions_per_image`` images
+        (at least one) when a sample carries several captions."""
+        return max(1, self.batch_size // self.loader.captions_per_image)
+
     def _loader(self, role: str, sampler: Any = None, generator: torch.Generator | None = None) -> DataLoader:
         if role not in self.datasets:
             raise RuntimeError(f"The {role} dataset is not built; call setup() with a stage that uses it first.")
@@ -475,7 +482,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         in_memory = getattr(dataset.source, "decoded", None) is not None
         workers = 0 if in_memory else self.loader.num_workers
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, drop_last=False,
+            dataset, batch_size=self.train_batch_size if role == "train" else self.batch_size, sampler=sampler, shuffle=False, drop_last=False,
             num_workers=workers, pin_memory=self._pin_memory(), collate_fn=SkippingCollate(dataset),
             persistent_workers=self.loader.persistent_workers and workers > 0, generator=generator,
         )
@@ -507,7 +514,7 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         if "train" not in self.datasets:
             raise RuntimeError("The train dataset is not built; call setup('fit') first.")
         position, self._resume_position = self._resume_position, None
-        sampler = training_sampler(self.datasets["train"], self.trainer, self.batch_size, position)
+        sampler = training_sampler(self.datasets["train"], self.trainer, self.train_batch_size, position)
         # Its own generator: creating the iterator (and the workers' seeds) must not draw from the global
         # random state, or a resumed run's dropout would drift from the uninterrupted run's.
         return self._loader("train", sampler=sampler, generator=torch.Generator().manual_seed(sampler.seed))
@@ -522,14 +529,15 @@ class CocoCaptionsDataModule(L.LightningDataModule):
         """Training batches augmented on their device (``augment``): one batched transform, captions included."""
         trainer = getattr(self, "trainer", None)
         if self.images.augment and trainer is not None and trainer.training and "images" in batch:
-            batch["images"], batch["captions"] = self.augmentation(batch["images"], batch["captions"])
+            batch["images"], batch["captions"] = self.augmentation(batch["images"], batch["captions"],
+                                                                   batch.get("image_index"))
         return batch
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """Where training stands (epoch, batch, batch size, processes): a resumed run continues the data
         order from there. Plain ints, so checkpoints still load with ``weights_only=True``."""
-        position = training_position(self.trainer, self.batch_size)
+        position = training_position(self.trainer, self.train_batch_size)
         return {"train_position": position.state_dict()} if position is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

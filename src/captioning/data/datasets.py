@@ -173,7 +173,8 @@ Source = Callable[[int], "dict[str, torch.Tensor] | BadImage"]
 
 
 class CaptionPairDataset(Dataset):
-    """Training samples: one per (image, caption) pair.
+    """Training samples: one per (image, caption) pair, or with ``captions_per_image=k`` one per image and group of
+    up to k of its captions (an image's captions in order, cut into groups of k: an epoch still covers each once).
 
     Captions are encoded once up front into a padded int64 array (P, max_length + 2) so workers share it
     (:func:`encode_captions`; kept in ``cache`` for the next start when a folder is given).
@@ -181,25 +182,37 @@ class CaptionPairDataset(Dataset):
     """
 
     def __init__(self, split: CaptionSplit, vocab: Vocabulary, max_length: int, source: Source,
-                 cache: Path | None = None) -> None:
+                 cache: Path | None = None, captions_per_image: int = 1) -> None:
         self.split, self.source = split, source
-        self.image_index = np.repeat(np.arange(len(split)), [len(r) for r in split.references])
+        counts = np.array([len(r) for r in split.references], dtype=np.int64)
+        self.image_index = np.repeat(np.arange(len(split)), counts)
         self.captions, self.lengths = encode_captions([c for refs in split.references for c in refs], vocab,
                                                       max_length, cache)
+        self.captions_per_image = int(captions_per_image)
+        # caption j's place among its image's captions; a group starts at every k-th of them
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else counts
+        place = np.arange(len(self.image_index)) - first[self.image_index]
+        starts = np.flatnonzero(place % self.captions_per_image == 0)
+        self.group_bounds = np.stack([starts, np.append(starts[1:], len(self.image_index))], axis=1)
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.captions) if self.captions_per_image == 1 else len(self.group_bounds)
+
+    def _caption(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.captions[index, : self.lengths[index]].copy())
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
-        i = int(self.image_index[index])
+        if self.captions_per_image == 1:
+            i, captions = int(self.image_index[index]), None
+        else:
+            start, end = self.group_bounds[index]
+            i, captions = int(self.image_index[start]), [self._caption(j) for j in range(start, end)]
         sample = self.source(i)
         if isinstance(sample, BadImage):
             return sample
-        return {
-            **sample,
-            "caption": torch.from_numpy(self.captions[index, : self.lengths[index]].copy()),
-            "image_id": int(self.split.image_ids[i]),
-        }
+        if captions is not None:
+            return {**sample, "captions": captions, "image_id": int(self.split.image_ids[i])}
+        return {**sample, "caption": self._caption(index), "image_id": int(self.split.image_ids[i])}
 
 
 class CaptionedImageDataset(Dataset):
@@ -233,6 +246,8 @@ def collate_captions(samples: Sequence[dict[str, Any] | BadImage | None]) -> dic
     ``images`` (N, 3, S, S) float, or ``features`` (N, D, h, w) float32 from the feature cache;
     ``captions`` (N, T+1) long, ``[<START>] w1..wk [<END>]`` padded with ``<NULL>`` = 0 to the longest in
     the batch; ``image_ids`` (N,) long; plus ``references`` (N lists of raw strings) for evaluation samples.
+    Samples of several captions (``captions_per_image``) give B images and N >= B captions: ``captions`` and
+    ``image_ids`` have a row per caption and ``image_index`` (N,) says which image (row of ``images``) each is of.
     """
     kept = [s for s in samples if s is not None and not isinstance(s, BadImage)]
     if not kept:
@@ -247,6 +262,12 @@ def collate_captions(samples: Sequence[dict[str, Any] | BadImage | None]) -> dic
         batch["features"] = torch.stack([s["features"] for s in kept]).float()
     else:
         batch["images"] = torch.stack([s["image"] for s in kept])
+    if "captions" in kept[0]:  # samples of several captions (captions_per_image): one row per caption
+        counts = torch.tensor([len(s["captions"]) for s in kept])
+        batch["captions"] = pad_captions([c for s in kept for c in s["captions"]])
+        batch["image_index"] = torch.repeat_interleave(torch.arange(len(kept)), counts)
+        batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)[batch["image_index"]]
+        return batch
     batch["captions"] = pad_captions([s["caption"] for s in kept])
     batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)
     if "references" in kept[0]:

@@ -42,7 +42,11 @@ class LoaderOptions:
     """How batches are made (``torch.utils.data.DataLoader`` and the caches).
 
     batch_size: samples per batch **per device (process)**; under DDP the global batch is ``batch_size x devices x
-        num_nodes`` (times gradient accumulation): scale the learning rate accordingly.
+        num_nodes`` (times gradient accumulation): scale the learning rate accordingly. A training batch holds
+        ``batch_size`` captions: ``batch_size // captions_per_image`` images with their captions.
+    captions_per_image: how many of an image's captions a training sample carries (seq_per_img of Karpathy's
+        neuraltalk2 and Luo's self-critical.pytorch): the image is read, augmented and encoded once for all of them.
+        An epoch still covers every caption once; 1 (a sample per caption) draws more distinct images per batch.
     num_workers, pin_memory, persistent_workers: as for the DataLoader (``persistent_workers`` only with workers);
         ``pin_memory="auto"`` pins only when the trainer runs on a GPU (pinned CPU memory buys nothing and warns).
     progress: a progress bar while building the feature cache or decoding images into memory.
@@ -56,6 +60,7 @@ class LoaderOptions:
     """
 
     batch_size: int = 64
+    captions_per_image: int = 1
     num_workers: int = 4
     pin_memory: bool | str = "auto"
     persistent_workers: bool = True
@@ -68,6 +73,7 @@ class LoaderOptions:
 
     def __post_init__(self) -> None:
         _integer("batch_size", self.batch_size, 1)
+        _integer("captions_per_image", self.captions_per_image, 1)
         _integer("num_workers", self.num_workers, 0)
         _choice("feature_dtype", self.feature_dtype, FEATURE_DTYPES)
         if self.cache_images not in CACHE_IMAGES:

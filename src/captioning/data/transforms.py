@@ -152,8 +152,12 @@ class CaptionAugment:
             raise RuntimeError("CaptionAugment.bind(vocabulary) was not called: a flip needs the word ids to swap.")
         return self._swap_ids.to(captions.device)[captions]
 
-    def __call__(self, images: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, 3, S, S) normalised, captions (N, T) word ids -> the augmented batch (same shapes)."""
+    def __call__(self, images: torch.Tensor, captions: torch.Tensor,
+                 image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) normalised, captions (N, T) word ids -> the augmented batch (same shapes).
+
+        ``image_index`` (N,): the image of each caption when images carry several captions (else N = B, row to
+        row); a flipped image has all of its captions mirrored."""
         n, device = images.shape[0], images.device
         flipped = torch.rand(n, device=device) < self.flip
         if self._geometric:
@@ -161,7 +165,8 @@ class CaptionAugment:
         elif flipped.any():
             images = torch.where(flipped.view(n, 1, 1, 1), images.flip(-1), images)
         if flipped.any():
-            captions = torch.where(flipped.unsqueeze(1), self.swap_words(captions), captions)
+            mirrored = flipped if image_index is None else flipped[image_index]
+            captions = torch.where(mirrored.unsqueeze(1), self.swap_words(captions), captions)
         if self.brightness or self.contrast or self.noise:
             images = self._photometric(images)
         return images, captions
