@@ -112,21 +112,24 @@ def _rows(path: Path, image_column: str | None, caption_column: str | None,
     is_csv = path.suffix.lower() != ".jsonl"
     if is_csv:
         position = {name: k for k, name in enumerate(columns)}  # a repeated name: its last column, as csv's dicts
-        at = [position.get(image), position.get(caption), position.get(split) if split else None]
-
-        def cells(row: list[str]) -> tuple[Any, Any, Any]:
-            return tuple(row[k] if k is not None and k < len(row) else None for k in at)
-
-        cells_of = [(number, cells(row)) for number, row in enumerate(table, start=2)]
+        at_image, at_caption = position.get(image), position.get(caption)
+        at_split = position.get(split) if split else None
+        cells_of = ((number, (row[at_image] if at_image is not None and at_image < len(row) else None,
+                              row[at_caption] if at_caption is not None and at_caption < len(row) else None,
+                              row[at_split] if at_split is not None and at_split < len(row) else None))
+                    for number, row in enumerate(table, start=2))
     else:
-        cells_of = [(number, (r.get(image), r.get(caption), r.get(split) if split else None)) for number, r in records]
+        cells_of = ((number, (r.get(image), r.get(caption), r.get(split) if split else None)) for number, r in records)
     rows = []
     for number, (name, captions, split_name) in cells_of:
-        if not isinstance(name, str) or not name.strip():
+        name = name.strip() if isinstance(name, str) else ""
+        if not name:
             raise _bad(path, number, f"no image file name in column {image!r}")
         if captions is None:
             raise _bad(path, number, f"no caption in column {caption!r}")
-        rows.append((number, name.strip(), _captions(captions, path, number, is_csv),
+        # the common cell, a plain caption, without _captions' checks (a list or JSON text goes through them)
+        plain = type(captions) is str and captions[:1] != "[" and not captions[:1].isspace()
+        rows.append((number, name, [captions.strip()] if plain else _captions(captions, path, number, is_csv),
                      str(split_name).strip() if split_name not in (None, "") else None))
     return rows
 
@@ -148,36 +151,53 @@ def read_caption_folder(root: str | Path, captions_file: str | None = None, imag
     root = Path(os.path.abspath(root))
     files = _caption_files(root, captions_file)
     table = CaptionTable(files[0][0] if len(files) == 1 else root)
-    index: dict[str, list[Path]] | None = None
+    index: list[dict[str, list[Path]]] = []  # the image index, built the first time a name is not where it says
+    roles: dict[str, str | None] = {}  # a split name's role, once per distinct name (a file has a few)
     for path, folder_split in files:
-        resolved: dict[str, tuple[Path, str, str | None]] = {}  # one stat per image, not per caption row
+        # strings, not Paths, and one stat per image, not per caption row: a COCO-sized file has 591k rows
+        resolved: dict[str, tuple[str, str, str | None]] = {}
+        at_line = f"{path}, line "
         for number, name, captions, split in _rows(path, image_column, caption_column, split_column):
-            where = f"{path}, line {number}"
-            role = role_of(split)
-            if split is not None and role is None:
-                raise _bad(path, number, f"split {split!r} is not one of {', '.join(SPLIT_NAMES)}")
-            if name not in resolved:
-                file = Path(os.path.normpath(path.parent / name))
-                if not file.is_file() and (root / name).is_file():
-                    file = Path(os.path.normpath(root / name))
-                elif not file.is_file():
-                    index = _image_index(root) if index is None else index
-                    found = index.get(Path(name).name, [])
-                    if len(found) > 1:
-                        raise _bad(path, number, f"{name!r} is not there and {len(found)} files under {root} have "
-                                                 f"its name ({', '.join(map(str, found[:3]))}): give its path")
-                    file = found[0] if found else file  # a missing file is named when the split is set up
-                relative = os.path.relpath(file, root)
-                parts = Path(relative).parts
-                # an imagefolder-style root file naming train/x.png: the sub-folder is the split
-                folder_role = role_of(parts[0]) if len(parts) > 1 else None
-                resolved[name] = (file, relative, folder_role)
-            file, relative, folder_role = resolved[name]
+            role = None
+            if split is not None:
+                role = roles[split] if split in roles else roles.setdefault(split, role_of(split))
+                if role is None:
+                    raise _bad(path, number, f"split {split!r} is not one of {', '.join(SPLIT_NAMES)}")
+            entry = resolved.get(name)
+            if entry is None:
+                entry = resolved[name] = _resolve(root, path, number, name, index)
+            file, relative, folder_role = entry
             if role is None and folder_split is None and split is None:
                 role = folder_role
-            table.add(relative, str(file), captions, role or folder_split, where)
+            table.add(relative, file, captions, role or folder_split, at_line + str(number))
     table.warn_duplicates()
     return table
+
+
+def _resolve(root: Path, path: Path, number: int, name: str,
+             index: list[dict[str, list[Path]]]) -> tuple[str, str, str | None]:
+    """A row's image name -> (its file, that file relative to ``root``, the split its top folder names or None):
+    the name relative to the captions file's folder, else to the root, else the one file of that name under the
+    root (``index`` holds the root's image index once built)."""
+    root_text = str(root)
+    file = os.path.normpath(os.path.join(os.path.dirname(path), name))
+    if not os.path.isfile(file):
+        at_root = os.path.normpath(os.path.join(root_text, name))
+        if os.path.isfile(at_root):
+            file = at_root
+        else:
+            if not index:
+                index.append(_image_index(root))
+            found = index[0].get(os.path.basename(name), [])
+            if len(found) > 1:
+                raise _bad(path, number, f"{name!r} is not there and {len(found)} files under {root} have "
+                                         f"its name ({', '.join(map(str, found[:3]))}): give its path")
+            file = str(found[0]) if found else file  # a missing file is named when the split is set up
+    inside = file.startswith(root_text + os.sep)
+    relative = file[len(root_text) + 1:] if inside else os.path.relpath(file, root_text)
+    parts = relative.split(os.sep)
+    # an imagefolder-style root file naming train/x.png: the sub-folder is the split
+    return file, relative, role_of(parts[0]) if len(parts) > 1 else None
 
 
 def _caption_files(root: Path, given: str | None) -> list[tuple[Path, str | None]]:
