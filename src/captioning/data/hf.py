@@ -115,9 +115,11 @@ def read_hf_dataset(path: str, image_dir: Path, image_column: str = "image",
         if isinstance(saved, dict) and saved.get("key") == key:
             return _table_from(saved["table"], image_dir)
         table = _export(loaded, roles, image_dir, image_column, columns, id_column, split_column, path, progress)
+        inside = str(image_dir) + os.sep
         write_json(manifest, {"key": key, "table": {
             "source": str(table.source), "names": table.names,
-            "files": [os.path.relpath(f, image_dir) for f in table.files], "captions": table.captions,
+            "files": [f[len(inside):] if f.startswith(inside) else os.path.relpath(f, image_dir) for f in table.files],
+            "captions": table.captions,
             "splits": table.splits, "duplicates": table.duplicates}}, indent=None)
     table.warn_duplicates()
     return table
@@ -159,6 +161,9 @@ def _export(loaded: dict[str | None, Any], roles: dict[str | None, str | None], 
                                  "feature or a column of file paths; set data.image_column to the image column.")
             folder = image_dir / (name or "all")
             folder.mkdir(parents=True, exist_ok=True)
+            folder_text = str(folder)
+            # what an earlier, interrupted export left: name -> entry (its size read only when the name comes up)
+            present = {entry.name: entry for entry in os.scandir(folder)}
             task = bar.add_task(f"writing {name or 'the'} images", total=len(ds))
             row = 0
             for batch in ds.select_columns(list(dict.fromkeys(wanted))).iter(batch_size=1000):
@@ -185,9 +190,12 @@ def _export(loaded: dict[str | None, Any], roles: dict[str | None, str | None], 
                             across += 1
                         group = f"{role} {content}"
                     if data is not None and not table.has(group):  # one file per image, not per caption row
-                        file = folder / f"{row - 1:09d}{_extension(data, file)}"
-                        if not (file.is_file() and file.stat().st_size == len(data)):
-                            file.write_bytes(data)
+                        base_name = f"{row - 1:09d}{_extension(data, file)}"
+                        file = os.path.join(folder_text, base_name)
+                        entry = present.get(base_name)
+                        if entry is None or not entry.is_file() or entry.stat().st_size != len(data):
+                            with open(file, "wb") as out:
+                                out.write(data)
                     table.add(group, str(file), [c.strip() for c in captions], role, f"{path}, {label}")
                 bar.advance(task, len(batch[image_column]))
     if no_image:
