@@ -157,6 +157,51 @@ def test_captioner_scores_shape_and_loss_matches_loss_function(cell_type):
     torch.testing.assert_close(loss, temporal_softmax_loss(scores, captions[:, 1:]))
 
 
+def _context_model(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = CaptioningRNN(vocab_size=9, input_dim=4, wordvec_dim=3, hidden_dim=5, cell_type="attention",
+                          context_output=True).to(dtype)
+    torch.nn.init.normal_(model.context_proj.weight)  # it starts at zero; a random W_z tests the path
+    return model
+
+
+def test_context_output_gradcheck_float64():
+    model = _context_model()
+    features = _features("attention", 2, 4, torch.float64).requires_grad_(True)
+    captions = torch.tensor([[START, 4, 5, END, NULL], [START, 3, 6, 4, END]])
+    names = [name for name, _ in model.named_parameters()]
+    assert "context_proj.weight" in names
+
+    def loss_fn(feats, *weights):
+        return torch.func.functional_call(model, dict(zip(names, weights, strict=True)), (feats, captions))
+
+    inputs = (features, *[p.detach().clone().requires_grad_(True) for p in model.parameters()])
+    assert torch.autograd.gradcheck(loss_fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_context_output_steps_score_as_teacher_forcing_and_start_as_the_plain_model():
+    model = _context_model()
+    features = _features("attention", 3, 4, torch.float64)
+    captions = torch.randint(3, 9, (3, 6))
+    captions[:, 0] = START
+    _, scores = model(features, captions, return_scores=True)
+    state, stepped = model.init_state(features), []
+    for t in range(5):
+        step_scores, state, weights = model.step(captions[:, t], state)
+        stepped.append(step_scores)
+    stepped = torch.stack(stepped, dim=1)
+    kept = torch.isfinite(stepped)
+    torch.testing.assert_close(stepped[kept], scores[kept])
+    # the deep output changes the scores (W_z != 0) ...
+    plain = CaptioningRNN(vocab_size=9, input_dim=4, wordvec_dim=3, hidden_dim=5, cell_type="attention").double()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "context_proj.weight"})
+    assert not torch.allclose(plain(features, captions, return_scores=True)[1], scores)
+    # ... and with W_z at its initial zero the model is the plain one
+    torch.nn.init.zeros_(model.context_proj.weight)
+    torch.testing.assert_close(model(features, captions, return_scores=True)[1],
+                               plain(features, captions, return_scores=True)[1])
+
+
 def test_captioner_rejects_bad_configuration():
     with pytest.raises(ValueError, match="cell_type"):
         CaptioningRNN(vocab_size=5, input_dim=3, cell_type="gru")
@@ -165,6 +210,8 @@ def test_captioner_rejects_bad_configuration():
     model = CaptioningRNN(vocab_size=5, input_dim=3, cell_type="attention")
     with pytest.raises(ValueError, match="spatial feature map"):
         model(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="context_output needs cell_type='attention'"):
+        CaptioningRNN(vocab_size=5, input_dim=3, cell_type="lstm", context_output=True)
 
 
 def test_rnn_and_lstm_pool_a_feature_map():

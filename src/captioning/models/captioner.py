@@ -7,6 +7,7 @@ captions — greedy, beam search, sampling — is :mod:`captioning.models.decodi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,11 @@ class CaptioningRNN(nn.Module):
             ``feature_grid`` positions, concatenated: P = D * feature_grid**2).
         feature_grid: the side of the grid for ``feature_pool="flatten"``.
         image_input: feed v (projected to W) beside every word.
+        context_output: for ``cell_type="attention"``, the context z_t the step attended to also enters the
+            vocabulary scores, s_t = W_v (h_t + W_z z_t) + b (the deep output of Show, Attend and Tell, eq. 7,
+            without its word term). The evidence of the attended region then reaches the scores directly
+            instead of only through the gates, where the prefix's prior ("green" -> never "square") is.
+            W_z starts at zero: the model starts as the one without it.
 
     The training loss never materialises the (N, T, V) scores: the vocabulary projection and the loss are
     fused (``linear_temporal_softmax_loss``) and only the non-``<NULL>`` positions are projected.
@@ -95,6 +101,7 @@ class CaptioningRNN(nn.Module):
         feature_pool: str = "mean",
         feature_grid: int = 4,
         image_input: bool = False,
+        context_output: bool = False,
     ) -> None:
         super().__init__()
         if cell_type not in CELL_TYPES:
@@ -129,6 +136,12 @@ class CaptioningRNN(nn.Module):
         self.core = core(wordvec_dim * (2 if image_input else 1), hidden_dim, backward=backward)
         self.dropout = nn.Dropout(dropout)
         self.vocab_proj = nn.Linear(hidden_dim, vocab_size)
+        if context_output and cell_type != "attention":
+            raise ValueError("model.context_output needs cell_type='attention' (only it attends to a context); "
+                             f"got cell_type={cell_type!r}.")
+        self.context_proj = nn.Linear(hidden_dim, hidden_dim, bias=False) if context_output else None
+        if self.context_proj is not None:
+            nn.init.zeros_(self.context_proj.weight)
 
     # ---------------------------------------------------------------------------------------------
     # Training
@@ -167,12 +180,28 @@ class CaptioningRNN(nn.Module):
         return torch.cat([x, image], dim=-1)
 
     def hidden_states(self, features: Tensor, captions_in: Tensor) -> Tensor:
-        """Teacher-forced hidden states: features, captions_in (N, T) -> h (N, T, H)."""
+        """Teacher-forced hidden states: features, captions_in (N, T) -> h (N, T, H); with ``context_output``
+        the vectors the vocabulary projection reads, h_t + W_z z_t."""
         state = self.init_state(features)
         x = self.dropout(self._inputs(captions_in, state))
-        if self.cell_type == "attention":
-            return self.core(x, state.A)
-        return self.core(x, state.h)
+        if self.cell_type != "attention":
+            return self.core(x, state.h)
+        h = self.core(x, state.A)
+        if self.context_proj is None:
+            return h
+        return h + self.context_proj(self.contexts(h, state))
+
+    @staticmethod
+    def contexts(h: Tensor, state: DecoderState) -> Tensor:
+        """The contexts the teacher-forced steps attended to: h (N, T, H) -> z (N, T, H).
+
+        Step t attends with the previous hidden state (h0 at the first), as the core does:
+        z_t = sum_p softmax_p(h_{t-1} . A_p / sqrt(H)) A_p, all steps in two batched products.
+        """
+        A = state.A.flatten(2)  # (N, H, P)
+        prev_h = torch.cat([state.h.unsqueeze(1), h[:, :-1]], dim=1)  # (N, T, H)
+        weights = torch.softmax(torch.bmm(prev_h, A) / math.sqrt(A.shape[1]), dim=-1)  # (N, T, P)
+        return torch.bmm(weights, A.transpose(1, 2))
 
     @property
     def never_emitted(self) -> tuple[int, int]:
@@ -257,4 +286,7 @@ class CaptioningRNN(nn.Module):
         else:
             h, c, weights = self.core.step(x, state.h, state.c, state.A)
             state = DecoderState(h=h, c=c, A=state.A, image=state.image)
+            if self.context_proj is not None:
+                z = torch.bmm(weights.flatten(1).unsqueeze(1), state.A.flatten(2).transpose(1, 2)).squeeze(1)
+                return self.mask_never_emitted(self.vocab_proj(h + self.context_proj(z))), state, weights
         return self.mask_never_emitted(self.vocab_proj(state.h)), state, weights
