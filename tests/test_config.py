@@ -65,7 +65,7 @@ def test_overrides_reach_constructors(tmp_path):
     assert module.hparams.decoder == {"_target_": "captioning.models.CaptioningRNN", "cell_type": "attention",
                                       "wordvec_dim": 128, "hidden_dim": 64, "dropout": 0.0, "loss_normalize": "batch",
                                       "backward": "manual", "feature_pool": "max", "feature_grid": 4,
-                                      "image_input": False}
+                                      "image_input": False, "context_output": True}
     assert module.hparams.optimizer["lr"] == 0.01
     assert instantiate(cfg.data).batch_size == 8
 
@@ -175,6 +175,9 @@ DELIBERATE_DIFFERENCES = {
     ("CaptioningRNN", "image_input"): "checkpoints from before the key were trained with h0 as the only image input",
     ("SmallCNN", "pathways"): "checkpoints from before the key have no pathway weights",
     ("CrossEntropy", "image_dropout"): "checkpoints from before the key were trained on every image",
+    ("CaptioningRNN", "context_output"): "checkpoints from before the key have no context_proj weights",
+    # Lightning's signature: monitor=None keeps the newest epoch; the config names what the best one is
+    ("ModelCheckpoint", "monitor"): "Lightning's default (None) has nothing to choose by",
     # a data set's own config says what its files hold
     ("CocoCaptionsDataModule", "test_split"): "COCO 2017 has no test captions; Karpathy's split has one",
     ("CocoCaptionsDataModule", "augmentation"): "the recipe is a mapping; None (= CaptionAugment's defaults) in code",

@@ -4,6 +4,7 @@ its train(cfg) in process (a real short run, resume)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,23 @@ def test_default_run_learns_to_see(tmp_path):
     assert final["val/bleu4"] >= 0.75 and final["val/bleu4"] > 2 * blind["bleu4"]
     assert final["val/cider"] > 4 * blind["cider"]
     assert metrics["distinct_val_captions"] > 100
+
+
+@pytest.mark.parametrize(("monitor", "chosen"), [(None, "val/grounding/correct"),
+                                                  ("[val/not_logged,val/bleu4]", "val/bleu4")])
+def test_the_best_checkpoint_is_chosen_by_the_first_monitor_validation_logs(tmp_path, monitor, chosen):
+    """The default monitors true captions on the built-in set; a metric the data does not log falls through to the
+    next one of the list. The choice and its best score are in the checkpoint, for a resume."""
+    extra = [f"callbacks.model_checkpoint.monitor={monitor}"] if monitor else []
+    train_in_process(tmp_path, "run", "trainer.max_epochs=3", "test=false", *extra)
+    run = tmp_path / "outputs" / "train" / "runs" / "run"
+    epochs = json.loads((run / "metrics.json").read_text())["epochs"]
+    states = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    (state,) = [v for k, v in states.items() if k.startswith("ModelCheckpoint{'monitor': [")]
+    assert state["monitor"] == chosen and state["monitor_resolved"]
+    best = max(range(3), key=lambda i: epochs[i][chosen])  # the first of equals, as ModelCheckpoint keeps it
+    assert float(state["best_model_score"]) == pytest.approx(epochs[best][chosen], abs=1e-6)
+    assert Path(state["best_model_path"]).name.startswith(f"epoch{best:03d}-")
 
 
 def test_ema_weights_are_what_validation_and_checkpoints_use(tmp_path):

@@ -13,6 +13,9 @@ resumes, and a format number so an incompatible checkpoint is refused with a cle
   written in another format, gives a one-paragraph error naming the file and what to do.
 - :func:`average_checkpoints`: one model whose weights are the mean of several checkpoints' (the cheap
   alternative to an ensemble, for checkpoints of one run).
+- :class:`ModelCheckpoint` (callback): Lightning's, whose ``monitor`` may be a list of metrics in order of
+  preference: the best checkpoint is chosen by the first one validation logs (true captions where the data can
+  check them, else BLEU-4).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "AtomicCheckpointIO", "InterruptCheckpoint", "RandomState", "average_checkpoints",
-    "check_format", "read_checkpoint", "stamp",
+    "CHECKPOINT_FORMAT", "AtomicCheckpointIO", "InterruptCheckpoint", "ModelCheckpoint", "RandomState",
+    "average_checkpoints", "check_format", "read_checkpoint", "stamp",
 ]
 
 # Bump when a checkpoint's contents change incompatibly (hyperparameter names, state_dict keys...).
@@ -337,3 +341,47 @@ class RandomState(L.Callback):
         cuda = state_dict.get("cuda")
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with ``monitor`` a metric or a list of them in order of preference: the
+    first that validation logs is monitored (decided at the first save, kept in the checkpoint for a resume).
+
+    Why: BLEU-4 on the built-in set moves by ±0.02 from epoch to epoch while the model still learns, so the best
+    checkpoint by it was often a half-trained one (epoch 5 of 10: object precision 0.966 against 0.984 at the
+    end); ``val/grounding/correct`` (captions with nothing false) picked the truest epoch in every run measured.
+    Data without scenes does not log it, and falls back to the next metric of the list.
+    """
+
+    def __init__(self, monitor: str | list[str] | tuple[str, ...] | None = None, **kwargs: Any) -> None:
+        monitors = [monitor] if monitor is None or isinstance(monitor, str) else [str(m) for m in monitor]
+        if not monitors:
+            raise ValueError("ModelCheckpoint: monitor is an empty list; give a metric name, a list of them, or "
+                             "null (callbacks.model_checkpoint.monitor).")
+        self.monitors = monitors
+        self._monitor_resolved = len(monitors) == 1
+        super().__init__(monitor=monitors[0], **kwargs)
+
+    @property
+    def state_key(self) -> str:
+        # the whole list, not the metric chosen: the key must be the same before and after the choice for a
+        # resumed run to find its state
+        return self._generate_state_key(monitor=self.monitors, mode=self.mode,
+                                        every_n_train_steps=self._every_n_train_steps,
+                                        every_n_epochs=self._every_n_epochs,
+                                        train_time_interval=self._train_time_interval)
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if not self._monitor_resolved:
+            logged = [m for m in self.monitors if m in monitor_candidates]
+            if logged:
+                self.monitor, self._monitor_resolved = logged[0], True
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"monitor_resolved": self._monitor_resolved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("monitor_resolved") and state_dict.get("monitor") in self.monitors:
+            self.monitor, self._monitor_resolved = state_dict["monitor"], True
