@@ -165,9 +165,10 @@ def test_the_default_names_pairs_training_never_showed(tmp_path):
     assert final["val/grounding/novel_recall"] >= NOVEL_RECALL
     assert final["val/grounding/novel_precision"] >= 0.9
     assert final["val/grounding/novel_recall"] >= 0.5 * final["val/grounding/seen_recall"]
-    assert final["val/grounding/seen_precision"] >= 0.8
+    assert final["val/grounding/seen_precision"] >= 0.85
 
 
-# measured with these settings: novel recall 0.451 / 0.465 (seeds 12345 / 1; seen recall 0.662 / 0.812, seen
-# precision 0.868 / 0.871, 195-215 s here); the previous recipe: 0.04 after all 10 epochs
-NOVEL_RECALL = 0.3
+# measured with these settings, with the deep output (model.context_output): novel recall 0.563 / 0.493 (seeds
+# 12345 / 1; seen recall 0.679 / 0.620, seen precision 0.946 / 0.905, novel precision 0.98 / 1.00, 191-195 s here);
+# without it 0.451 / 0.465 (seen precision 0.868 / 0.871); the recipe before the pathways: 0.04 after all 10 epochs
+NOVEL_RECALL = 0.35
