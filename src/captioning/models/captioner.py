@@ -79,7 +79,7 @@ class CaptioningRNN(nn.Module):
             vocabulary scores, s_t = W_v (h_t + W_z z_t) + b (the deep output of Show, Attend and Tell, eq. 7,
             without its word term). The evidence of the attended region then reaches the scores directly
             instead of only through the gates, where the prefix's prior ("green" -> never "square") is.
-            W_z starts at zero: the model starts as the one without it.
+            W_z starts at zero: the model starts as the one without it. No effect for ``rnn`` / ``lstm``.
 
     The training loss never materialises the (N, T, V) scores: the vocabulary projection and the loss are
     fused (``linear_temporal_softmax_loss``) and only the non-``<NULL>`` positions are projected.
@@ -136,10 +136,10 @@ class CaptioningRNN(nn.Module):
         self.core = core(wordvec_dim * (2 if image_input else 1), hidden_dim, backward=backward)
         self.dropout = nn.Dropout(dropout)
         self.vocab_proj = nn.Linear(hidden_dim, vocab_size)
-        if context_output and cell_type != "attention":
-            raise ValueError("model.context_output needs cell_type='attention' (only it attends to a context); "
-                             f"got cell_type={cell_type!r}.")
-        self.context_proj = nn.Linear(hidden_dim, hidden_dim, bias=False) if context_output else None
+        # rnn / lstm attend to nothing: there the key has no effect (as image_input has none for attention), so
+        # a sweep over model.cell_type from the attention config composes
+        self.context_output = context_output and cell_type == "attention"
+        self.context_proj = nn.Linear(hidden_dim, hidden_dim, bias=False) if self.context_output else None
         if self.context_proj is not None:
             nn.init.zeros_(self.context_proj.weight)
 
