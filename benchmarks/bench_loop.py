@@ -6,14 +6,16 @@ All through Lightning with the default config (``conf/train.yaml``: attention LS
 DataModule's own loader settings), in this process:
 
 - ``in memory``: ``--steps`` training steps on batches collated beforehand and held in a list (timed from
-  the first batch's start to the last one's end: fit's set-up, the same in every run, is left out);
+  the first batch's start to the last one's end: fit's set-up, the same in every run, is left out), in float32
+  and in bf16-mixed (what ``trainer.precision=auto`` runs on a CPU with native bfloat16);
 - ``DataModule``: the same number of steps fed by the DataModule's train loader (images decoded, cached or
   read by workers, as configured);
 - ``validation``: one validation of the split as fit runs it after an epoch (teacher-forced loss, greedy
   decoding, BLEU / CIDEr-D / grounded metrics), against the epoch's training time (steps x the step time).
 
-Ratios: DataModule / in memory (the input pipeline's overhead; target <= 1.15) and validation / epoch
-(target <= 0.15), each median over ``--rounds`` interleaved rounds.
+Ratios: float32 / bf16-mixed (the speed-up), DataModule / in memory at the shipped precision (the input
+pipeline's overhead; target <= 1.15) and validation / epoch (target <= 0.15), each median over ``--rounds``
+interleaved rounds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 from common import machine_info, median, print_table, write_json
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+
+from captioning.utils import native_bf16, resolve_precision
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGET_PIPELINE, TARGET_VALIDATION = 1.15, 0.15
@@ -85,41 +89,57 @@ def main(argv: list[str]) -> int:
                          default_root_dir=tempfile.mkdtemp(), gradient_clip_val=cfg.trainer.gradient_clip_val,
                          callbacks=[clock] if clock else [], **kwargs)
 
-    def fit_in_memory() -> float:
+    shipped = resolve_precision(cfg.trainer.precision, "cpu")  # what train.py runs in here (precision=auto)
+
+    def fit_in_memory(precision: str) -> float:
         clock = StepClock()
-        trainer(clock, limit_train_batches=len(batches), limit_val_batches=0).fit(module, train_dataloaders=InMemory())
+        trainer(clock, limit_train_batches=len(batches), limit_val_batches=0,
+                precision=precision).fit(module, train_dataloaders=InMemory())
         return clock.end - clock.start
 
     def fit_datamodule() -> float:
         clock = StepClock()
-        trainer(clock, limit_train_batches=len(batches), limit_val_batches=0).fit(module, datamodule=datamodule)
+        trainer(clock, limit_train_batches=len(batches), limit_val_batches=0,
+                precision=shipped).fit(module, datamodule=datamodule)
         return clock.end - clock.start
 
     def validate() -> float:
         tic = time.perf_counter()
-        trainer().validate(module, datamodule=datamodule, verbose=False)
+        trainer(precision=shipped).validate(module, datamodule=datamodule, verbose=False)
         return time.perf_counter() - tic
 
-    cases = {"in memory": fit_in_memory, "DataModule": fit_datamodule, "validation": validate}
+    cases = {"in memory, 32-true": lambda: fit_in_memory("32-true"),
+             "in memory, bf16-mixed": lambda: fit_in_memory("bf16-mixed"),
+             "DataModule": fit_datamodule, "validation": validate}
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds + 1):  # the first round warms up (workers, allocator, oneDNN primitives)
         for name, fn in cases.items():
             times[name].append(fn())
     times = {name: values[1:] for name, values in times.items()}
-    step = median(times["in memory"]) / len(batches)
+    fp32, bf16 = median(times["in memory, 32-true"]), median(times["in memory, bf16-mixed"])
+    in_memory = bf16 if shipped == "bf16-mixed" else fp32
+    step = in_memory / len(batches)
     epoch = step * len(loader)
-    pipeline = median(times["DataModule"]) / median(times["in memory"])
+    pipeline = median(times["DataModule"]) / in_memory
     validation = median(times["validation"]) / epoch
-    rows = [["in memory", f"{median(times['in memory']):.2f}", f"{1000 * step:.1f}", "1.00x", "-"],
-            ["DataModule", f"{median(times['DataModule']):.2f}", f"{1000 * median(times['DataModule']) / len(batches):.1f}",
-             f"{pipeline:.2f}x", f"<= {TARGET_PIPELINE}"],
+    speedup = fp32 / bf16
+
+    def ms(seconds: float) -> str:
+        return f"{1000 * seconds / len(batches):.1f}"
+
+    rows = [["in memory, 32-true", f"{fp32:.2f}", ms(fp32), "1.00x", "-"],
+            ["in memory, bf16-mixed", f"{bf16:.2f}", ms(bf16), f"{speedup:.2f}x faster",
+             "-" if native_bf16("cpu") else "(bf16 emulated here)"],
+            [f"DataModule ({shipped})", f"{median(times['DataModule']):.2f}", ms(median(times["DataModule"])),
+             f"{pipeline:.2f}x in memory", f"<= {TARGET_PIPELINE}"],
             ["validation", f"{median(times['validation']):.2f}", "-", f"{validation:.0%} of an epoch",
              f"<= {TARGET_VALIDATION:.0%}"]]
     print_table(f"default training loop, {len(batches)} steps of batch {cfg.data.batch_size} ({rounds} rounds; an "
-                f"epoch is {len(loader)} steps, {epoch:.1f} s in memory)",
+                f"epoch is {len(loader)} steps, {epoch:.1f} s in memory; trainer.precision=auto is {shipped} here)",
                 ["case", "s", "ms / step", "ratio", "target"], rows)
     write_json(args.json, {"machine": machine_info(torch.device("cpu")), "steps": len(batches),
-                           "epoch_steps": len(loader), "times": times, "pipeline_over_memory": pipeline,
+                           "epoch_steps": len(loader), "times": times, "precision": shipped,
+                           "bf16_speedup": speedup, "pipeline_over_memory": pipeline,
                            "validation_over_epoch": validation,
                            "meets_targets": pipeline <= TARGET_PIPELINE and validation <= TARGET_VALIDATION})
     return 0

@@ -37,7 +37,14 @@ from captioning.evaluation import checkpoint_data_config, nbest_report, print_ta
 from captioning.io import write_json
 from captioning.metrics import coco_caption_eval
 from captioning.module import load_ensemble
-from captioning.utils import explain_errors, instantiate_dict, print_config, resolve_ckpt_paths, save_config
+from captioning.utils import (
+    explain_errors,
+    instantiate_dict,
+    instantiate_trainer,
+    print_config,
+    resolve_ckpt_paths,
+    save_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         # captions are encoded as the model reads them: no training split is needed (an evaluation-only set)
         datamodule.use_vocabulary(module.vocab)
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
+    trainer: L.Trainer = instantiate_trainer(cfg.trainer, logger=loggers or False)
     seconds["load"] = time.perf_counter() - start
 
     tic = time.perf_counter()

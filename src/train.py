@@ -20,6 +20,7 @@ from captioning.utils import (
     has_split,
     instantiate_callbacks,
     instantiate_dict,
+    instantiate_trainer,
     print_config,
     resolve_ckpt_path,
     resolve_start,
@@ -41,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.use_encoder(module.encoder)
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.trainer, loggers)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     # resume the run, or start from another objective's weights (ckpt_path=<xe.ckpt> objective=scst)
     ckpt_path = resolve_start(module, resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name))

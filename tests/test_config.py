@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from captioning.utils import instantiate_callbacks, instantiate_dict
+from captioning.utils import instantiate_callbacks, instantiate_dict, instantiate_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("data", "model", "encoder", "decoding", "trainer", "logger", "callbacks", "debug", "experiment",
@@ -53,7 +53,7 @@ def test_option_composes_and_instantiates(tmp_path, monkeypatch, group, option):
     cpu_only = {"accelerator": "cpu"} if cfg.trainer.get("accelerator") == "gpu" else {}
     if cpu_only and "precision" in cfg.trainer:
         cpu_only["precision"] = "bf16-mixed" if "bf16" in str(cfg.trainer.precision) else "32-true"
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, **cpu_only)
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=False, **cpu_only)
     assert trainer.gradient_clip_val == cfg.trainer.gradient_clip_val
     assert trainer.num_devices == cfg.trainer.devices
 
@@ -115,6 +115,7 @@ KNOBS = {
     "inference_mode=false": lambda t: t.predict_loop.inference_mode is False,
     "use_distributed_sampler=false": lambda t: t._accelerator_connector.use_distributed_sampler is False,
     "precision=bf16-mixed": lambda t: t.precision == "bf16-mixed",
+    "precision=32-true": lambda t: t.precision == "32-true",
 }
 
 
@@ -122,7 +123,7 @@ KNOBS = {
 def test_trainer_knobs_need_no_plus(tmp_path, knob):
     cfg = compose_train(tmp_path, [f"trainer.{knob}"])
     callbacks = instantiate_callbacks(cfg.callbacks, cfg.trainer)  # as train.py builds them
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=False)
     assert KNOBS[knob](trainer), knob
 
 
@@ -244,3 +245,27 @@ def test_logger_none_drops_the_learning_rate_monitor(tmp_path):
     assert not any(isinstance(c, LearningRateMonitor) for c in instantiate_callbacks(cfg.callbacks, cfg.trainer, []))
     kept = instantiate_callbacks(cfg.callbacks, cfg.trainer, [object()])
     assert any(isinstance(c, LearningRateMonitor) for c in kept)
+
+
+def test_precision_auto_is_bf16_mixed_only_where_bf16_is_native(tmp_path, monkeypatch):
+    """The default trainer.precision=auto: bf16-mixed on a CPU with AVX512-BF16 or AMX, 32-true on one without
+    (emulated bf16 would be slower); explicit values are kept; eval.py scores in float32 whatever the machine."""
+    import torch
+
+    from captioning import utils
+
+    cfg = compose_train(tmp_path)
+    assert cfg.trainer.precision == "auto"
+    for amx, avx512_bf16, expected in ((False, False, "32-true"), (False, True, "bf16-mixed"),
+                                       (True, False, "bf16-mixed")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert utils.resolve_precision("auto", "cpu") == expected
+        trainer = instantiate_trainer(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                      enable_progress_bar=False, enable_model_summary=False)
+        assert trainer.precision == expected
+        assert utils.resolve_precision("32-true", "cpu") == "32-true"
+        assert utils.resolve_precision("16-mixed", "cpu") == "16-mixed"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert compose("eval", overrides=["ckpt_path=x.ckpt"]).trainer.precision == "32-true"

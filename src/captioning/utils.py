@@ -63,6 +63,46 @@ def instantiate_callbacks(group: DictConfig | None, trainer: DictConfig | None =
     return [callback for callback in instantiate_dict(group) if not (off and isinstance(callback, off))]
 
 
+def native_bf16(accelerator: str = "auto") -> str | None:
+    """Why the device ``accelerator`` names (Lightning's spelling: auto, cpu, gpu, cuda, mps...) computes
+    bfloat16 natively, or None when it does not (it would emulate it, slower than float32)."""
+    import torch
+
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "a CUDA GPU with bfloat16" if torch.cuda.is_bf16_supported() else None
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.backends.mps.is_available()):
+        # private helpers of torch.cpu, hence the getattr: a torch without them reads as "no"
+        for name, what in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+            if getattr(torch.cpu, name, lambda: False)():
+                return f"a CPU with {what}"
+    return None
+
+
+def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
+    """``trainer.precision=auto`` -> ``bf16-mixed`` where the device computes bfloat16 natively, else ``32-true``;
+    any other value unchanged.
+
+    Mixed bf16 keeps float32 weights and runs convolutions and matrix products in bfloat16 (torch.autocast):
+    on the built-in set's default it trained ~1.3x faster on an AVX512-BF16 CPU, to the same captions (README,
+    "Time to a true captioner"). Where bfloat16 would be emulated (most CPUs before 2020, Apple silicon through
+    MPS, GPUs before Ampere) it would be slower, so float32 stays."""
+    if str(precision) != "auto":
+        return precision
+    why = native_bf16(str(accelerator))
+    resolved = "bf16-mixed" if why else "32-true"
+    rank_zero_info(f"trainer.precision=auto: {resolved} ("
+                   + (f"{why} computes bfloat16 natively" if why else "this device has no native bfloat16") + ")")
+    return resolved
+
+
+def instantiate_trainer(trainer: DictConfig, **overrides: Any) -> L.Trainer:
+    """The trainer group's config (and ``overrides`` of its arguments) -> ``lightning.Trainer``, with
+    ``precision=auto`` settled for the accelerator it will run on (:func:`resolve_precision`)."""
+    precision = overrides.pop("precision", trainer.get("precision", "32-true"))
+    accelerator = overrides.get("accelerator", trainer.get("accelerator", "auto"))
+    return instantiate(trainer, precision=resolve_precision(precision, accelerator), **overrides)
+
+
 @rank_zero_only
 def print_config(cfg: DictConfig) -> None:
     """Print the run's whole resolved config (syntax-highlighted YAML)."""
