@@ -269,3 +269,18 @@ def test_precision_auto_is_bf16_mixed_only_where_bf16_is_native(tmp_path, monkey
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         assert compose("eval", overrides=["ckpt_path=x.ckpt"]).trainer.precision == "32-true"
+
+
+def test_precision_auto_on_a_gpu_asks_for_native_bf16_only(monkeypatch):
+    """torch.cuda.is_bf16_supported() answers yes for GPUs that emulate bf16; auto must ask without emulation."""
+    import torch
+
+    from captioning import utils
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native: asked.append(including_emulation) or n)
+        assert utils.resolve_precision("auto", "gpu") == ("bf16-mixed" if native else "32-true")
+    assert asked == [False, False]
