@@ -268,7 +268,9 @@ def test_precision_auto_is_bf16_mixed_only_where_bf16_is_native(tmp_path, monkey
         assert utils.resolve_precision("16-mixed", "cpu") == "16-mixed"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        assert compose("eval", overrides=["ckpt_path=x.ckpt"]).trainer.precision == "32-true"
+        trainer = compose("eval", overrides=["ckpt_path=x.ckpt"]).trainer
+    # eval.yaml's own trainer settings win over the trainer group's defaults
+    assert trainer.precision == "32-true" and trainer.enable_model_summary is False
 
 
 def test_precision_auto_on_a_gpu_asks_for_native_bf16_only(monkeypatch):
