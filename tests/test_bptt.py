@@ -196,3 +196,82 @@ def test_same_training_curve_on_both_paths(cell_type):
         curves.append(torch.tensor(curve, dtype=torch.float64))
     assert curves[0][-1] < 0.8 * curves[0][0]  # it does learn
     torch.testing.assert_close(curves[1], curves[0], rtol=1e-8, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused decoding steps and the replay of recorded steps (what self-critical training differentiates)
+@pytest.mark.parametrize("cell_type", ["lstm", "attention"])
+def test_the_step_without_gradients_is_the_course_step_fused(cell_type):
+    torch.manual_seed(0)
+    core = (rnn.AttentionLSTM if cell_type == "attention" else rnn.LSTM)(D, H).double()
+    x, h, c = (torch.randn(N, k, dtype=torch.float64) for k in (D, H, H))
+    extra = (torch.randn(N, H, Dh, Dw, dtype=torch.float64),) if cell_type == "attention" else ()
+    traced = core.step(x, h, c, *extra)  # autograd on: the course functions, differentiable
+    assert traced[0].requires_grad
+    with torch.no_grad():
+        fused = core.step(x, h, c, *extra)
+    assert not fused[0].requires_grad
+    for a, b in zip(fused, traced, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+    # the stacked weights are kept between steps and follow the optimizer's in-place updates
+    traced[0].sum().backward()
+    torch.optim.SGD(core.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        updated = core.step(x, h, c, *extra)
+    expected = core.step(x, h, c, *extra)
+    torch.testing.assert_close(updated[0], expected[0].detach(), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(updated[0], fused[0])
+
+
+def _recorded_sampling(decoder, features, length=7, seed=0):
+    """Sample with the attention core's fused steps recorded; -> (captions (N, T), the state with gradients and
+    the T recorded steps)."""
+    import dataclasses
+
+    from captioning.models.decoding import step_decode
+
+    state = decoder.init_state(features)
+    record = dataclasses.replace(state, h=state.h.detach(), c=state.c.detach(), A=state.A.detach(), steps=[])
+
+    def draw(log_probs, previous):
+        words = torch.multinomial(log_probs.exp(), 1).squeeze(1)
+        return words, log_probs.gather(1, words.unsqueeze(1)).squeeze(1)
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        captions = step_decode(decoder, features, length, draw, state=record).captions
+    return captions[:, :len(record.steps)], dataclasses.replace(state, steps=record.steps)
+
+
+@pytest.mark.parametrize("context_output", [False, True], ids=["h", "h+Wz"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_replayed_steps_give_the_teacher_forced_loss_and_gradients(context_output, dtype):
+    torch.manual_seed(0)
+    decoder = CaptioningRNN(12, D, 5, H, cell_type="attention", context_output=context_output).to(dtype)
+    if context_output:
+        torch.nn.init.normal_(decoder.context_proj.weight, std=0.3)
+    features = torch.randn(N, D, Dh, Dw, dtype=dtype)
+    captions, replay = _recorded_sampling(decoder, features)
+    assert len(replay.steps) >= 2
+    weights = torch.tensor([1.5, -0.5, 0.25], dtype=dtype)
+    full = decoder.with_start(captions)
+    params = list(decoder.parameters())
+    kwargs = dict(weights=weights, decoding_distribution=True, normalize="batch")
+    replayed = decoder(None, full, replay=replay, **kwargs)
+    forced = decoder(features, full, **kwargs)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(replayed, forced, **tol)
+    for a, b in zip(torch.autograd.grad(replayed, params), torch.autograd.grad(forced, params), strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_replay_refuses_what_the_steps_did_not_do():
+    torch.manual_seed(0)
+    decoder = CaptioningRNN(12, D, 5, H, cell_type="attention", dropout=0.5).double()
+    features = torch.randn(N, D, Dh, Dw, dtype=torch.float64)
+    captions, replay = _recorded_sampling(decoder.eval(), features)
+    full = decoder.with_start(captions)
+    with pytest.raises(ValueError, match="no dropout"):
+        decoder.train()(None, full, replay=replay)
+    with pytest.raises(ValueError, match="were recorded"):
+        decoder.eval()(None, decoder.with_start(torch.cat([captions, captions], dim=1)), replay=replay)

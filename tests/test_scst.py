@@ -143,10 +143,10 @@ def test_bad_endings_are_penalized_or_forbidden():
     features = torch.randn(8, 4)
     forbid = SelfCritical(num_samples=2, bad_ending="forbid", max_length=5)
     forbid.use_references(REFERENCES, VOCAB)
-    samples, _ = forbid._sample(decoder, features)
+    samples, _ = forbid.sample(decoder, features)
     allowed = SelfCritical(num_samples=2, bad_ending="none", max_length=5)
     allowed.use_references(REFERENCES, VOCAB)
-    plain, _ = allowed._sample(decoder, features)
+    plain, _ = allowed.sample(decoder, features)
     assert (plain[:, :2] == torch.tensor([VOCAB["the"], END])).all()  # "the <END>" every time
     assert not forbid._ends_badly(samples[samples.eq(END).any(dim=1)]).any()  # never "... the <END>"
 
@@ -221,8 +221,8 @@ def test_an_image_with_several_captions_in_the_batch_is_sampled_for_once(monkeyp
     objective.use_references(REFERENCES, VOCAB)
     decoder = toy_decoder().float()
     sampled, rewarded = [], []
-    sample, rewards = objective._sample, objective.rewards
-    monkeypatch.setattr(objective, "_sample", lambda d, f: sampled.append(f.clone()) or sample(d, f))
+    decode, rewards = objective._decode, objective.rewards
+    monkeypatch.setattr(objective, "_decode", lambda d, state, n: sampled.append(state.h.clone()) or decode(d, state, n))
     monkeypatch.setattr(objective, "rewards", lambda i, s: rewarded.append(list(i)) or rewards(i, s))
     image = torch.randn(2, 4)
     batch = {"image_ids": torch.tensor([10, 10, 11]), "image_index": torch.tensor([0, 0, 1]),
@@ -230,6 +230,51 @@ def test_an_image_with_several_captions_in_the_batch_is_sampled_for_once(monkeyp
                                        [START, *ids("a blue circle")]])}
     loss, logs = objective(decoder, image[batch["image_index"]], batch)
     loss.backward()
-    assert torch.equal(sampled[0], image)  # one row per image, not per caption
+    # K = 3 rows per image, not per caption
+    assert torch.equal(sampled[0], decoder.init_state(image).h.detach().repeat_interleave(3, dim=0))
     assert rewarded[0] == [10, 10, 10, 11, 11, 11]
     assert torch.isfinite(logs["scst/xe_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------- speed paths
+def attention_decoder(seed=0) -> CaptioningRNN:
+    torch.manual_seed(seed)
+    return CaptioningRNN(vocab_size=len(WORDS), input_dim=4, wordvec_dim=5, hidden_dim=6,
+                         cell_type="attention").double()
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_the_replayed_sampling_steps_give_the_teacher_forced_policy_gradient(baseline, monkeypatch):
+    """With the attention core the policy loss differentiates the sampling steps as taken; the teacher-forced
+    pass over the same samples (the other cores' path) gives the same loss and gradients."""
+    objective = SelfCritical(num_samples=3, baseline=baseline, max_length=6)
+    objective.use_references(REFERENCES, VOCAB)
+    decoder = attention_decoder()
+    features = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    batch = {"image_ids": torch.tensor([10, 11])}
+    results = {}
+    for replay in (True, False):
+        monkeypatch.setattr(objective, "replays", lambda d, rows, replay=replay: replay)
+        torch.manual_seed(5)
+        loss, logs = objective(decoder, features, batch)
+        results[replay] = (loss, torch.autograd.grad(loss, list(decoder.parameters())))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    monkeypatch.undo()
+    assert objective.replays(decoder, 6) and not objective.replays(toy_decoder(), 6)  # the LSTM: teacher-forced
+
+
+def test_the_greedy_baseline_decoded_beside_the_samples_is_the_greedy_caption(monkeypatch):
+    from captioning.models.decoding import greedy_decode
+
+    objective = SelfCritical(num_samples=2, baseline="greedy", max_length=6)
+    objective.use_references(REFERENCES, VOCAB)
+    decoder = attention_decoder(1)
+    features = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    scored, rewards = [], objective.rewards
+    monkeypatch.setattr(objective, "rewards", lambda i, s: scored.append(s.clone()) or rewards(i, s))
+    objective(decoder, features, {"image_ids": torch.tensor([10, 11])})
+    samples, greedy = scored
+    assert samples.shape[0] == 4
+    torch.testing.assert_close(greedy, greedy_decode(decoder, features, 6).captions)

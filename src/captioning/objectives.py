@@ -13,13 +13,16 @@
   computed as a per-row weighted temporal softmax loss over the samples (the fused vocabulary projection:
   the (N K, T, V) scores never exist), plus ``xe_weight`` times the cross-entropy loss if asked.
 
-The samples are drawn without gradients and scored again teacher-forced through the hand-written core, which
-is the same distribution when the decoder has no dropout (the default); with dropout the two passes use
-different masks.
+The samples are drawn without gradients, with the greedy baseline's rows in the same decoding loop. With the
+attention core and no dropout (the default) the policy gradient comes from the sampling steps themselves, as
+they were taken (``bptt.attention_lstm_replay``: the hand-written BPTT on the recorded activations); otherwise
+the samples are scored again teacher-forced through the core, which is the same distribution when the decoder
+has no dropout; with dropout the two passes use different masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +34,9 @@ from torch import Tensor
 
 from .metrics import CiderD, tokenize
 from .models import CaptioningRNN
-from .models.decoding import BAD_ENDINGS, StepRules, greedy_decode, step_decode
+from .models.bptt import AttentionStep
+from .models.captioner import DecoderState
+from .models.decoding import BAD_ENDINGS, StepRules, step_decode
 
 __all__ = ["BASELINES", "BAD_ENDINGS", "CrossEntropy", "Objective", "SelfCritical"]
 
@@ -226,27 +231,48 @@ class SelfCritical(Objective):
         return rewards
 
     # -------------------------------------------------------------------------------------------
-    def _sample(self, decoder: CaptioningRNN, features: Tensor) -> tuple[Tensor, Tensor]:
-        """K samples per image (N*K rows, image-major), decoded in chunks of ``max_rows``; and the mean
-        entropy of the sampling distribution over the steps of the rows still going."""
-        rows = features.repeat_interleave(self.num_samples, dim=0)
-        # bad_ending=forbid: no <END> right after a bad ending word, the rule every decoder has (StepRules)
+    def _decode(self, decoder: CaptioningRNN, state: DecoderState, num_sampled: int) -> tuple[Tensor, Tensor]:
+        """Decode every row of ``state`` (no gradients): the first ``num_sampled`` rows draw their words, the
+        rest take the argmax (the greedy baseline), all in one loop, in chunks of ``max_rows``. Returns the
+        captions (rows, L) and the mean entropy of the sampling distribution over the sampled rows' steps."""
+        rows = state.h.shape[0]
+        # bad_ending=forbid: no <END> right after a bad ending word, the rule every decoder has (StepRules); the
+        # greedy baseline decodes under the same rule as the samples
         rules = StepRules(bad_ids=self._bad_ids, end_id=decoder.end_id) if self.bad_ending == "forbid" else None
         end, null, temperature = decoder.end_id, decoder.null_id, self.temperature
-        entropy = [features.new_zeros((), dtype=torch.float32), features.new_zeros((), dtype=torch.long)]
+        entropy = [state.h.new_zeros((), dtype=torch.float32), state.h.new_zeros((), dtype=torch.long)]
+        chunks = []
+        for start in range(0, rows, self.max_rows):
+            stop = min(rows, start + self.max_rows)
+            chunk = state if stop - start == rows else state.index_select(torch.arange(start, stop,
+                                                                                       device=state.h.device))
+            sampled = torch.arange(start, stop, device=state.h.device) < num_sampled
 
-        def draw(log_probs: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-            tempered = (log_probs / temperature).log_softmax(dim=1)
-            live = (previous != end) & (previous != null)
-            p = tempered.exp()
-            entropy[0] = entropy[0] - (p * tempered.nan_to_num(neginf=0.0)).sum(dim=1)[live].sum()
-            entropy[1] = entropy[1] + live.sum()  # a tensor: no device sync per step
-            words = torch.multinomial(p, 1).squeeze(1)
-            return words, tempered.gather(1, words.unsqueeze(1)).squeeze(1)
+            def draw(log_probs: Tensor, previous: Tensor, sampled: Tensor = sampled) -> tuple[Tensor, Tensor]:
+                tempered = (log_probs / temperature).log_softmax(dim=1)
+                live = (previous != end) & (previous != null) & sampled
+                p = tempered.exp()
+                entropy[0] = entropy[0] - (p * tempered.nan_to_num(neginf=0.0)).sum(dim=1)[live].sum()
+                entropy[1] = entropy[1] + live.sum()  # a tensor: no device sync per step
+                words = torch.multinomial(p, 1).squeeze(1)
+                if not bool(sampled.all()):
+                    words = torch.where(sampled, words, log_probs.argmax(dim=1))
+                return words, tempered.gather(1, words.unsqueeze(1)).squeeze(1)
 
-        chunks = [step_decode(decoder, rows[start:start + self.max_rows], self.max_length, draw, rules).captions
-                  for start in range(0, rows.shape[0], self.max_rows)]
+            chunks.append(step_decode(decoder, chunk.h, self.max_length, draw, rules, state=chunk).captions)
         return torch.cat(chunks), entropy[0] / entropy[1].clamp(min=1)
+
+    @torch.no_grad()
+    def sample(self, decoder: CaptioningRNN, features: Tensor) -> tuple[Tensor, Tensor]:
+        """K samples per image (N*K rows, image-major) and the mean entropy of the sampling distribution."""
+        rows = torch.arange(features.shape[0], device=features.device).repeat_interleave(self.num_samples)
+        return self._decode(decoder, decoder.init_state(features).index_select(rows), len(rows))
+
+    def replays(self, decoder: CaptioningRNN, rows: int) -> bool:
+        """Whether the policy loss differentiates the sampling steps as they were taken (attention core, no
+        dropout, one decoding chunk) instead of running the teacher-forced forward over the samples again."""
+        return (decoder.cell_type == "attention" and rows <= self.max_rows
+                and not (decoder.training and decoder.dropout.p > 0))
 
     def __call__(self, decoder: CaptioningRNN, features: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict]:
         captions_features = features
@@ -258,15 +284,21 @@ class SelfCritical(Objective):
             image_ids = batch["image_ids"][first].tolist()
         else:
             image_ids = batch["image_ids"].tolist()
-        K = self.num_samples
-        was_training = decoder.training
+        K, N = self.num_samples, features.shape[0]
+        greedy = self.baseline == "greedy"
+        # the state is computed once per image (with gradients) and repeated: K sample rows per image, image-major,
+        # then (greedy baseline) one greedy row per image
+        state = decoder.init_state(features)
+        sample_rows = torch.arange(N, device=features.device).repeat_interleave(K)
+        rows = torch.cat([sample_rows, torch.arange(N, device=features.device)]) if greedy else sample_rows
+        replay = self.replays(decoder, len(rows))
         tic = time.perf_counter()
         with torch.no_grad():
-            samples, entropy = self._sample(decoder, features.detach())
-            if self.baseline == "greedy":
-                decoder.eval()  # the test-time caption: no dropout
-                greedy = greedy_decode(decoder, features.detach(), self.max_length).captions
-                decoder.train(was_training)
+            decoding = DecoderState(*(None if t is None else t.detach().index_select(0, rows)
+                                      for t in (state.h, state.c, state.A, state.image)),
+                                    steps=[] if replay else None)
+            captions, entropy = self._decode(decoder, decoding, N * K)
+        samples, greedy_captions = captions[:N * K], captions[N * K:]
         decode_seconds = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -275,8 +307,8 @@ class SelfCritical(Objective):
         if self.bad_ending == "penalize" and len(self._bad_ids):
             reward = reward - self.bad_ending_penalty * self._ends_badly(samples).cpu().numpy()
         reward_t = torch.as_tensor(reward, dtype=torch.float32, device=features.device).view(-1, K)
-        if self.baseline == "greedy":
-            greedy_reward = self.rewards(image_ids, greedy)
+        if greedy:
+            greedy_reward = self.rewards(image_ids, greedy_captions)
             baseline = torch.as_tensor(greedy_reward, dtype=torch.float32, device=features.device)
             baseline = baseline.unsqueeze(1).expand(-1, K)
         else:
@@ -284,7 +316,12 @@ class SelfCritical(Objective):
         reward_seconds = time.perf_counter() - tic
         advantage = (reward_t - baseline).reshape(-1)
 
-        loss = self.policy_loss(decoder, features.repeat_interleave(K, dim=0), samples, advantage)
+        if replay:
+            steps = decoding.steps if not greedy else [AttentionStep(*(t[:N * K] for t in s)) for s in decoding.steps]
+            replayed = dataclasses.replace(state.index_select(sample_rows), steps=steps)
+            loss = self.policy_loss(decoder, None, samples[:, :len(steps)], advantage, replay=replayed)
+        else:
+            loss = self.policy_loss(decoder, features.repeat_interleave(K, dim=0), samples, advantage)
         logs = {
             "scst/reward": reward_t.mean(), "scst/baseline": baseline.mean(), "scst/advantage_std": advantage.std(),
             "scst/sample_length": samples.ne(decoder.null_id).sum(dim=1).float().mean(),
@@ -312,8 +349,10 @@ class SelfCritical(Objective):
         return torch.isin(words, self._bad_ids.to(samples.device)) & (lengths > ended.long())
 
     @staticmethod
-    def policy_loss(decoder: CaptioningRNN, features: Tensor, samples: Tensor, advantage: Tensor) -> Tensor:
+    def policy_loss(decoder: CaptioningRNN, features: Tensor | None, samples: Tensor, advantage: Tensor,
+                    replay: DecoderState | None = None) -> Tensor:
         """REINFORCE: -1/M sum_i advantage_i log p(sample_i | image_i); features (M, ...), samples (M, L) as the
-        decoders return them (no <START>, <NULL> after <END>), advantage (M,)."""
+        decoders return them (no <START>, <NULL> after <END>), advantage (M,). ``replay``: the samples' initial
+        state with the L steps that drew them recorded (``CaptioningRNN.hidden_states``), in place of features."""
         return decoder(features, decoder.with_start(samples), weights=advantage, decoding_distribution=True,
-                       normalize="batch")
+                       normalize="batch", replay=replay)

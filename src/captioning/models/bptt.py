@@ -30,6 +30,7 @@ vocabulary projection + loss, the other hand-written backward, is in :mod:`capti
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,6 +39,10 @@ from torch.autograd.function import once_differentiable
 from . import gemm
 
 __all__ = [
+    "AttentionStep",
+    "attention_lstm_replay",
+    "attention_lstm_step_fused",
+    "lstm_step_fused",
     "rnn_forward_manual",
     "lstm_forward_manual",
     "attention_lstm_forward_manual",
@@ -313,46 +318,141 @@ class _AttentionLSTMFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh_out: Tensor) -> tuple:
         x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates = ctx.saved_tensors
-        T1, N, H2 = hx.shape
-        T, H, P = T1 - 1, H2 // 2, A_flat.shape[2]
-        scale = 1.0 / math.sqrt(H)
-        W_haT = W_ha.t()
-        step = _LSTMBackwardStep(gates[0])
-        da = gates[0].new_empty(T, N, 4 * H)
-        dhx = torch.empty(T, N, 2 * H, dtype=hx.dtype, device=hx.device)  # grads of [h_{t-1}, attn_t]
-        dscores = torch.empty_like(weights)
-        dh_tm = _time_major_grads(dh_out)
-        dh = dh_tm[T - 1].clone()
-        dc = torch.zeros_like(dh)
-        for t in range(T - 1, -1, -1):
-            step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t])
-            dhx[t] = gemm.mm(da[t], W_haT)
-            # attn_t = A softmax(A^T h_{t-1} / sqrt(H)): back through the weighted sum and the softmax.
-            w = weights[t]
-            dw = torch.bmm(dhx[t, :, H:].unsqueeze(1), A_flat).squeeze(1)  # (N, P)
-            dw.sub_((dw * w).sum(1, keepdim=True)).mul_(w)
-            dscores[t] = dw
-            dh_attn = torch.bmm(dw.unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1)
-            # the gradient reaching h_{t-1}: its own output's, the recurrence's and the attention's
-            if t:
-                torch.add(dh_tm[t - 1], dhx[t, :, :H], out=dh)
-            else:
-                dh.copy_(dhx[t, :, :H])
-            dh.add_(dh_attn, alpha=scale)
-        # dA from every step's weighted sum and scores, in two batched matmuls over the steps, and from
-        # h0 = c0 = mean(A).
-        dA = None
-        if ctx.needs_input_grad[1]:
-            dA = torch.bmm(dhx[:, :, H:].permute(1, 2, 0), weights.transpose(0, 1))  # (N, H, P)
-            dA.baddbmm_(hx[:T, :, :H].permute(1, 2, 0), dscores.transpose(0, 1), alpha=scale)
-            dA.add_(((dh + dc) / P).unsqueeze(2))
-            dA = dA.view(ctx.A_shape)
-        dx, dWx, db = _input_gradients(ctx.needs_input_grad, x_tm, da, Wx, N)
-        dWh = dWattn = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            dW_ha = gemm.mm(hx[:T].reshape(T * N, 2 * H).t(), da.view(T * N, 4 * H))
-            dWh, dWattn = dW_ha[:H], dW_ha[H:]
-        return dx, dA, dWx, dWh, dWattn, db
+        return _attention_lstm_bptt(ctx.needs_input_grad, dh_out, x_tm, A_flat, Wx, W_ha, hx[:-1], cs, tanh_cs,
+                                    weights, gates, ctx.A_shape)
+
+
+def _attention_lstm_bptt(needs: tuple[bool, ...], dh_out: Tensor, x_tm: Tensor, A_flat: Tensor, Wx: Tensor,
+                         W_ha: Tensor, hx: Tensor, cs: Tensor, tanh_cs: Tensor, weights: Tensor,
+                         gates: list[Tensor] | Tensor, A_shape: torch.Size) -> tuple:
+    """BPTT of the attention LSTM from a forward's saved tensors: hx (T, N, 2H) the steps' [h_{t-1}, attn_t],
+    cs (>= T, N, H) with cs[t] = c_{t-1}, tanh_cs (T, N, H), weights (T, N, P), gates (T of (N, 4H))
+    -> the gradients of (x, A, Wx, Wh, Wattn, b), None where ``needs`` says no."""
+    T, N, H2 = hx.shape
+    H, P = H2 // 2, A_flat.shape[2]
+    scale = 1.0 / math.sqrt(H)
+    W_haT = W_ha.t()
+    step = _LSTMBackwardStep(gates[0])
+    da = gates[0].new_empty(T, N, 4 * H)
+    dhx = torch.empty(T, N, 2 * H, dtype=hx.dtype, device=hx.device)  # grads of [h_{t-1}, attn_t]
+    dscores = torch.empty_like(weights)
+    dh_tm = _time_major_grads(dh_out)
+    dh = dh_tm[T - 1].clone()
+    dc = torch.zeros_like(dh)
+    for t in range(T - 1, -1, -1):
+        step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t])
+        dhx[t] = gemm.mm(da[t], W_haT)
+        # attn_t = A softmax(A^T h_{t-1} / sqrt(H)): back through the weighted sum and the softmax.
+        w = weights[t]
+        dw = torch.bmm(dhx[t, :, H:].unsqueeze(1), A_flat).squeeze(1)  # (N, P)
+        dw.sub_((dw * w).sum(1, keepdim=True)).mul_(w)
+        dscores[t] = dw
+        dh_attn = torch.bmm(dw.unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1)
+        # the gradient reaching h_{t-1}: its own output's, the recurrence's and the attention's
+        if t:
+            torch.add(dh_tm[t - 1], dhx[t, :, :H], out=dh)
+        else:
+            dh.copy_(dhx[t, :, :H])
+        dh.add_(dh_attn, alpha=scale)
+    # dA from every step's weighted sum and scores, in two batched matmuls over the steps, and from
+    # h0 = c0 = mean(A).
+    dA = None
+    if needs[1]:
+        dA = torch.bmm(dhx[:, :, H:].permute(1, 2, 0), weights.transpose(0, 1))  # (N, H, P)
+        dA.baddbmm_(hx[:T, :, :H].permute(1, 2, 0), dscores.transpose(0, 1), alpha=scale)
+        dA.add_(((dh + dc) / P).unsqueeze(2))
+        dA = dA.view(A_shape)
+    dx, dWx, db = _input_gradients(needs, x_tm, da, Wx, N)
+    dWh = dWattn = None
+    if needs[3] or needs[4]:
+        dW_ha = gemm.mm(hx[:T].reshape(T * N, 2 * H).t(), da.view(T * N, 4 * H))
+        dWh, dWattn = dW_ha[:H], dW_ha[H:]
+    return dx, dA, dWx, dWh, dWattn, db
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding steps without gradients: the same cells, one GEMM per step
+def lstm_step_fused(x: Tensor, h: Tensor, c: Tensor, W_xh: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``rnn.lstm_step_forward`` for decoding: ``a = [x, h] [Wx; Wh] + b`` in one product, the gates in place.
+
+    x (N, D), h, c (N, H), W_xh (D + H, 4H) = [Wx; Wh], b (4H,) -> next h, next c (N, H). No autograd graph:
+    the in-place gate arithmetic is the sequence forward's (``_lstm_cell_forward``).
+    """
+    a = gemm.linear(torch.cat([x, h], dim=1), W_xh.t(), b)
+    next_h, next_c, tanh_c = torch.empty_like(h), torch.empty_like(c), torch.empty_like(c)
+    _lstm_cell_forward(a, c, next_c, tanh_c, next_h)
+    return next_h, next_c
+
+
+class AttentionStep(NamedTuple):
+    """One fused attention-LSTM step, with what its BPTT needs (``_AttentionLSTMFunction``'s saved tensors)."""
+
+    h: Tensor  # (N, H) next hidden state
+    c: Tensor  # (N, H) next cell state
+    weights: Tensor  # (N, P) attention weights over the positions
+    hx: Tensor  # (N, 2H) [h_{t-1}, attn_t], the recurrent input
+    gates: Tensor  # (N, 4H) gate activations i, f, o, g
+    tanh_c: Tensor  # (N, H) tanh(next c)
+
+
+def attention_lstm_step_fused(x: Tensor, h: Tensor, c: Tensor, A_flat: Tensor, W_all: Tensor, b: Tensor
+                              ) -> AttentionStep:
+    """``rnn.attention_lstm_step_forward`` after ``dot_product_attention``, for decoding: the attention over
+    A_flat (N, H, P) with h, then ``a = [x, h, attn] [Wx; Wh; Wattn] + b`` in one product and the gates in place.
+
+    x (N, D), h, c (N, H), W_all (D + 2H, 4H), b (4H,). No autograd graph; the returned step also holds what
+    :func:`attention_lstm_replay` needs to differentiate a sequence of such steps without running it again.
+    """
+    H = h.shape[1]
+    scores = torch.bmm(h.unsqueeze(1), A_flat).squeeze(1).mul_(1.0 / math.sqrt(H))
+    weights = scores.softmax(dim=1)
+    attn = torch.bmm(weights.unsqueeze(1), A_flat.transpose(1, 2)).squeeze(1)
+    hx = torch.cat([h, attn], dim=1)
+    gates = gemm.linear(torch.cat([x, hx], dim=1), W_all.t(), b)
+    next_h, next_c, tanh_c = torch.empty_like(h), torch.empty_like(c), torch.empty_like(c)
+    _lstm_cell_forward(gates, c, next_c, tanh_c, next_h)
+    return AttentionStep(next_h, next_c, weights, hx, gates, tanh_c)
+
+
+class _AttentionLSTMReplay(torch.autograd.Function):
+    """The sequence of recorded fused steps as the function of (x, A, weights) that produced it: the forward
+    returns the recorded hidden states, the backward is the attention LSTM's BPTT on the recorded tensors."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, Wx: Tensor, Wh: Tensor, Wattn: Tensor, b: Tensor,
+                steps: tuple[AttentionStep, ...]) -> Tensor:
+        N, T, _ = x.shape
+        A_flat = A.reshape(N, A.shape[1], -1)
+        cs = torch.stack([A_flat.mean(dim=2), *(s.c for s in steps[:-1])])  # cs[t] = c_{t-1}, c_{-1} = h0
+        ctx.save_for_backward(_time_major(x), A_flat, Wx, torch.cat([Wh, Wattn], dim=0),
+                              torch.stack([s.hx for s in steps]), cs, torch.stack([s.tanh_c for s in steps]),
+                              torch.stack([s.weights for s in steps]), *(s.gates for s in steps))
+        ctx.A_shape = A.shape
+        return torch.stack([s.h for s in steps], dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh_out: Tensor) -> tuple:
+        x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates = ctx.saved_tensors
+        return (*_attention_lstm_bptt(ctx.needs_input_grad[:6], dh_out, x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs,
+                                      weights, gates, ctx.A_shape), None)
+
+
+def attention_lstm_replay(x: Tensor, A: Tensor, Wx: Tensor, Wh: Tensor, Wattn: Tensor, b: Tensor,
+                          steps: list[AttentionStep]) -> Tensor:
+    """Differentiate decoding steps already taken, without taking them again: x (N, T, D) the inputs the T
+    steps of :func:`attention_lstm_step_fused` were fed (from h0 = c0 = mean of A, as the sequence forward
+    starts), A (N, H, Dh, Dw) -> their hidden states (N, T, H), equal to
+    ``attention_lstm_forward_manual(x, A, ...)`` up to rounding, with the same hand-written backward.
+
+    Self-critical training samples with the fused steps and gets the policy gradient from this: the
+    teacher-forced forward over the samples, most of its step, is not run again.
+    """
+    if len(steps) != x.shape[1]:
+        raise ValueError(f"attention_lstm_replay: x has {x.shape[1]} steps but {len(steps)} were recorded.")
+    tensors, device_type = _prepare("attention_lstm_replay", (x, A, Wx, Wh, Wattn, b))
+    with torch.autocast(device_type, enabled=False):
+        return _AttentionLSTMReplay.apply(*tensors, tuple(steps))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .bptt import AttentionStep, attention_lstm_replay
 from .loss import linear_temporal_softmax_loss, temporal_softmax_loss
 from .rnn import LSTM, RNN, AttentionLSTM
 
@@ -27,13 +28,15 @@ class DecoderState:
     """Recurrent state while decoding; every tensor is batch-first so decoders can reorder rows.
 
     h, c: (N, H) (c is None for the vanilla RNN); A: (N, H, Dh, Dw) projected feature map (attention only);
-    image: (N, W) the image vector fed beside every word (``image_input`` only).
+    image: (N, W) the image vector fed beside every word (``image_input`` only). ``steps``, when a list, collects
+    the attention core's fused steps as they are taken, for :meth:`CaptioningRNN.forward`'s ``replay``.
     """
 
     h: Tensor
     c: Tensor | None = None
     A: Tensor | None = None
     image: Tensor | None = None
+    steps: list[AttentionStep] | None = None
 
     def index_select(self, index: Tensor) -> DecoderState:
         """Rows picked (and possibly repeated) by index (M,) -> a state of batch M."""
@@ -179,14 +182,27 @@ class CaptioningRNN(nn.Module):
         image = state.image if words.dim() == 1 else state.image.unsqueeze(1).expand(-1, words.shape[1], -1)
         return torch.cat([x, image], dim=-1)
 
-    def hidden_states(self, features: Tensor, captions_in: Tensor) -> Tensor:
+    def hidden_states(self, features: Tensor | None, captions_in: Tensor, replay: DecoderState | None = None
+                      ) -> Tensor:
         """Teacher-forced hidden states: features, captions_in (N, T) -> h (N, T, H); with ``context_output``
-        the vectors the vocabulary projection reads, h_t + W_z z_t."""
-        state = self.init_state(features)
+        the vectors the vocabulary projection reads, h_t + W_z z_t.
+
+        ``replay``: the initial state (from ``init_state``, with gradients) of a decoding that recorded its T steps
+        in ``replay.steps`` while feeding captions_in (attention only): the steps are differentiated as they
+        were taken (``bptt.attention_lstm_replay``) instead of run again; features are not read.
+        """
+        state = self.init_state(features) if replay is None else replay
         x = self.dropout(self._inputs(captions_in, state))
         if self.cell_type != "attention":
             return self.core(x, state.h)
-        h = self.core(x, state.A)
+        if replay is None:
+            h = self.core(x, state.A)
+        else:
+            if replay.steps is None or (self.training and self.dropout.p > 0):
+                raise ValueError("CaptioningRNN: replay needs recorded steps (DecoderState.steps) and no dropout "
+                                 "(the steps were taken without it).")
+            core = self.core
+            h = attention_lstm_replay(x, state.A, core.Wx, core.Wh, core.Wattn, core.b, replay.steps)
         if self.context_proj is None:
             return h
         return h + self.context_proj(self.contexts(h, state))
@@ -211,7 +227,7 @@ class CaptioningRNN(nn.Module):
     def forward(
         self, features: Tensor, captions: Tensor, return_scores: bool = False, *, inputs: Tensor | None = None,
         weights: Tensor | None = None, decoding_distribution: bool = False, label_smoothing: float = 0.0,
-        normalize: str | None = None,
+        normalize: str | None = None, replay: DecoderState | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced loss: features (N, D) or (N, D, h, w), captions (N, T+1) -> scalar loss.
 
@@ -222,9 +238,10 @@ class CaptioningRNN(nn.Module):
         (input noise, scheduled sampling); ``weights`` (N,) scale each caption's loss (self-critical training);
         ``decoding_distribution`` scores under the distribution the decoders draw from (``never_emitted`` left out
         of the softmax, as :meth:`step` does) instead of the courses' full softmax; ``label_smoothing`` as in
-        :mod:`.loss`; ``normalize`` overrides ``loss_normalize`` (``"batch"`` or ``"tokens"``).
+        :mod:`.loss`; ``normalize`` overrides ``loss_normalize`` (``"batch"`` or ``"tokens"``); ``replay``, a
+        decoding's recorded steps that fed ``captions_in``, as in :meth:`hidden_states`.
         """
-        h, captions_out = self._teacher_forced(features, captions, inputs)
+        h, captions_out = self._teacher_forced(features, captions, inputs, replay)
         excluded = self.never_emitted if decoding_distribution else ()
         normalize = normalize or self.loss_normalize
         if not return_scores:
@@ -252,8 +269,8 @@ class CaptioningRNN(nn.Module):
         """Decoded captions (N, L) -> (N, L+1) with ``<START>`` in front, as ``forward`` takes them."""
         return torch.cat([captions.new_full((captions.shape[0], 1), self.start_id), captions], dim=1)
 
-    def _teacher_forced(self, features: Tensor, captions: Tensor, inputs: Tensor | None = None,
-                        ) -> tuple[Tensor, Tensor]:
+    def _teacher_forced(self, features: Tensor | None, captions: Tensor, inputs: Tensor | None = None,
+                        replay: DecoderState | None = None) -> tuple[Tensor, Tensor]:
         """captions (N, T+1) -> (hidden states (N, T, H) after dropout, captions_out (N, T)); ``inputs`` (N, T)
         fed in place of captions_in."""
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
@@ -262,7 +279,7 @@ class CaptioningRNN(nn.Module):
                 raise ValueError(f"inputs must have the shape of captions[:, :-1], {tuple(captions_in.shape)}; "
                                  f"got {tuple(inputs.shape)}.")
             captions_in = inputs
-        return self.dropout(self.hidden_states(features, captions_in)), captions_out
+        return self.dropout(self.hidden_states(features, captions_in, replay)), captions_out
 
     def mask_never_emitted(self, scores: Tensor) -> Tensor:
         """scores (..., V) with ``never_emitted`` at -inf (in place)."""
@@ -283,10 +300,19 @@ class CaptioningRNN(nn.Module):
         elif self.cell_type == "lstm":
             h, c = self.core.step(x, state.h, state.c)
             state = DecoderState(h=h, c=c, image=state.image)
-        else:
+        elif state.steps is None and not self.core.fuses_steps():
             h, c, weights = self.core.step(x, state.h, state.c, state.A)
             state = DecoderState(h=h, c=c, A=state.A, image=state.image)
             if self.context_proj is not None:
                 z = torch.bmm(weights.flatten(1).unsqueeze(1), state.A.flatten(2).transpose(1, 2)).squeeze(1)
                 return self.mask_never_emitted(self.vocab_proj(h + self.context_proj(z))), state, weights
+        else:
+            step = self.core.step_fused(x, state.h, state.c, state.A)
+            if state.steps is not None:
+                state.steps.append(step)
+            weights = step.weights.view(step.h.shape[0], *state.A.shape[2:])
+            state = DecoderState(h=step.h, c=step.c, A=state.A, image=state.image, steps=state.steps)
+            if self.context_proj is not None:  # the step's context is the attn half of its recurrent input
+                z = step.hx[:, self.hidden_dim:]
+                return self.mask_never_emitted(self.vocab_proj(step.h + self.context_proj(z))), state, weights
         return self.mask_never_emitted(self.vocab_proj(state.h)), state, weights

@@ -113,17 +113,18 @@ class StepRules:
 
 @torch.no_grad()
 def step_decode(model: CaptioningRNN, features: Tensor, max_length: int, pick: Picker,
-                rules: StepRules | None = None) -> Decoded:
+                rules: StepRules | None = None, state: DecoderState | None = None) -> Decoded:
     """The decoding loop every left-to-right decoder shares, batched over the N images.
 
     Starts each row from ``<START>``, feeds back the word ``pick`` chooses from the step's log-probabilities
     (N, V; after ``rules``), and stops each row at its own ``<END>`` (kept in the output); the rest of an ended
     row is ``<NULL>``. The loop ends as soon as every row has ended. ``pick(log_probs, previous) -> (words (N,),
     their log-probability (N,))`` chooses given the words just fed (N,; ``<END>`` or ``<NULL>`` for rows that
-    have ended): the argmax for greedy decoding, a draw for sampling.
+    have ended): the argmax for greedy decoding, a draw for sampling. ``state``: the state to start from
+    (default ``model.init_state(features)``).
     """
     N = features.shape[0]
-    state = model.init_state(features)
+    state = model.init_state(features) if state is None else state
     words = features.new_full((N,), model.start_id, dtype=torch.long)
     captions = features.new_full((N, max_length), model.null_id, dtype=torch.long)
     total = features.new_zeros(N, dtype=torch.float32)
