@@ -106,7 +106,19 @@ def instantiate_trainer(trainer: DictConfig, **overrides: Any) -> L.Trainer:
     ``precision=auto`` settled for the accelerator it will run on (:func:`resolve_precision`)."""
     precision = overrides.pop("precision", trainer.get("precision", "32-true"))
     accelerator = overrides.get("accelerator", trainer.get("accelerator", "auto"))
+    log_recurrence()
     return instantiate(trainer, precision=resolve_precision(precision, accelerator), **overrides)
+
+
+def log_recurrence() -> None:
+    """Say whether the recurrent cores' loops run compiled on CPU (captioning.models.kernels) and, if not, how."""
+    from .models import kernels
+
+    if kernels.load() is not None:
+        rank_zero_info("recurrent core: compiled loops on CPU (captioning.models.kernels)")
+    elif os.environ.get("CAPTIONING_KERNELS", "").lower() not in ("off", "0", "false"):
+        rank_zero_info("recurrent core: Python loops (the compiled ones are not built; `python -m "
+                       "captioning.models.kernels` builds them once, ~30 s, for faster CPU training at small sizes)")
 
 
 @rank_zero_only

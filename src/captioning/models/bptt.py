@@ -84,6 +84,19 @@ def _check_sequence(name: str, x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b:
                              f"h0 {tuple(h0.shape)}, got {tuple(tensor.shape)}.")
 
 
+def _compiled(t: Tensor):
+    """The compiled loops (kernels.py) for this tensor, or None: imported here so that
+    ``python -m captioning.models.kernels`` runs a module not yet imported."""
+    from .kernels import for_tensor
+
+    return for_tensor(t)
+
+
+def _onednn(t: Tensor) -> bool:
+    """Whether the compiled loop's products go to oneDNN, as gemm.py's would for this tensor."""
+    return gemm.onednn_available() and t.dtype in (torch.float32, torch.bfloat16)
+
+
 def _time_major(x: Tensor) -> Tensor:
     """x (N, T, D) -> a contiguous time-major copy viewed as (T*N, D): row t*N + n is x[n, t]."""
     N, T, D = x.shape
@@ -238,6 +251,12 @@ class _LSTMFunction(torch.autograd.Function):
         N, T, _ = x.shape
         H = h0.shape[1]
         x_tm = _time_major(x)
+        compiled = _compiled(x)
+        ctx.compiled = compiled is not None
+        if compiled is not None:  # the same loop in C++ (kernels.py)
+            hs, cs, tanh_cs, gates = compiled.lstm_forward(x_tm, h0, Wx, Wh, b, _onednn(x))
+            ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, tanh_cs, gates)
+            return _batch_major(hs[1:])
         xw = _input_projection(x_tm, Wx, b, T, N)
         hs = x.new_empty(T + 1, N, H)
         cs = x.new_empty(T + 1, N, H)
@@ -257,6 +276,11 @@ class _LSTMFunction(torch.autograd.Function):
         x_tm, Wx, Wh, hs, cs, tanh_cs, *gates = ctx.saved_tensors
         T1, N, H = hs.shape
         T = T1 - 1
+        if ctx.compiled:
+            dx, dh0, dWx, dWh, db = _compiled(x_tm).lstm_backward(
+                _time_major_grads(dh_out), x_tm, Wx, Wh, hs, cs, tanh_cs, gates[0], list(ctx.needs_input_grad),
+                _onednn(x_tm))
+            return None if dx is None else dx.view(T, N, -1).transpose(0, 1), dh0, dWx, dWh, db
         WhT = Wh.t()
         step = _LSTMBackwardStep(gates[0])
         da = gates[0].new_empty(T, N, 4 * H)
@@ -292,6 +316,13 @@ class _AttentionLSTMFunction(torch.autograd.Function):
         scale = 1.0 / math.sqrt(H)
         W_ha = torch.cat([Wh, Wattn], dim=0)  # (2H, 4H)
         x_tm = _time_major(x)
+        ctx.A_shape = A.shape
+        compiled = _compiled(x)
+        ctx.compiled = compiled is not None
+        if compiled is not None:  # the same loop in C++ (kernels.py)
+            hx, cs, tanh_cs, weights, gates = compiled.attention_lstm_forward(x_tm, A_flat, Wx, W_ha, b, _onednn(x))
+            ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, gates)
+            return _batch_major(hx[1:, :, :H])
         xw = _input_projection(x_tm, Wx, b, T, N)
         gates = []
         hx = x.new_zeros(T + 1, N, 2 * H)  # hx[t] = [h_t, attn_{t+1}]; hx[T, :, H:] stays 0
@@ -311,13 +342,14 @@ class _AttentionLSTMFunction(torch.autograd.Function):
             _lstm_cell_forward(gates[t], cs[t], cs[t + 1], tanh_cs[t], h_next)
             hx[t + 1, :, :H] = h_next
         ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates)
-        ctx.A_shape = A.shape
         return _batch_major(hx[1:, :, :H])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh_out: Tensor) -> tuple:
         x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates = ctx.saved_tensors
+        if ctx.compiled:
+            gates = gates[0]  # one (T, N, 4H) buffer
         return _attention_lstm_bptt(ctx.needs_input_grad, dh_out, x_tm, A_flat, Wx, W_ha, hx[:-1], cs, tanh_cs,
                                     weights, gates, ctx.A_shape)
 
@@ -327,7 +359,18 @@ def _attention_lstm_bptt(needs: tuple[bool, ...], dh_out: Tensor, x_tm: Tensor, 
                          gates: list[Tensor] | Tensor, A_shape: torch.Size) -> tuple:
     """BPTT of the attention LSTM from a forward's saved tensors: hx (T, N, 2H) the steps' [h_{t-1}, attn_t],
     cs (>= T, N, H) with cs[t] = c_{t-1}, tanh_cs (T, N, H), weights (T, N, P), gates (T of (N, 4H))
-    -> the gradients of (x, A, Wx, Wh, Wattn, b), None where ``needs`` says no."""
+    -> the gradients of (x, A, Wx, Wh, Wattn, b), None where ``needs`` says no. Runs the compiled loop
+    (kernels.py) on CPU when built, given the gates as one (T, N, 4H) tensor."""
+    compiled = _compiled(hx)
+    if compiled is not None:
+        if not isinstance(gates, Tensor):
+            gates = torch.stack(gates)
+        dx, dA, dWx, dWh, dWattn, db = compiled.attention_lstm_backward(
+            _time_major_grads(dh_out), x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, gates, list(needs[:6]),
+            _onednn(x_tm))
+        T, N = gates.shape[:2]
+        return (None if dx is None else dx.view(T, N, -1).transpose(0, 1), None if dA is None else dA.view(A_shape),
+                dWx, dWh, dWattn, db)
     T, N, H2 = hx.shape
     H, P = H2 // 2, A_flat.shape[2]
     scale = 1.0 / math.sqrt(H)

@@ -1,0 +1,362 @@
+// The hand-written LSTM and attention-LSTM sequence forwards and their BPTT, step for step the math of
+// captioning/models/bptt.py (which documents it), with the per-step loop in C++: at the built-in set's sizes
+// a step's work is a few microseconds per op, which the Python interpreter's per-op cost otherwise doubles.
+// Built at install (python -m captioning.models.kernels); bptt.py falls back to its Python loops without it.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+// The products, as captioning/models/gemm.py takes them: oneDNN's linear (the op torch's compiler uses on CPU)
+// where the caller says it is faster (float32 / bfloat16 with oneDNN available), else ATen's BLAS.
+struct Gemm {
+  bool onednn;
+  // below this many multiply-adds a boxed oneDNN call costs more than it saves (measured at N=32, H=128)
+  static constexpr int64_t kOnednnMinMacs = int64_t(1) << 22;
+  bool use_onednn(const Tensor& a, const Tensor& b) const {
+    return onednn && a.size(0) * a.size(1) * b.size(1) >= kOnednnMinMacs;
+  }
+
+  // a @ b for a (M, K), b (K, N), either possibly a transposed view
+  Tensor mm(const Tensor& a, const Tensor& b) const {
+    if (!use_onednn(a, b)) return at::mm(a, b);
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack{a, b.t(), c10::IValue(), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  // c + a @ b as a new tensor, c (M, N) contiguous
+  Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b) const {
+    if (!use_onednn(a, b) || !c.is_contiguous()) return at::addmm(c, a, b);
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary");
+    torch::jit::Stack stack{a, c, b.t(), c10::IValue(), std::string("add")};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  // out = c + a @ b, out (M, N) contiguous and distinct from c
+  void addmm_into(Tensor out, const Tensor& c, const Tensor& a, const Tensor& b) const {
+    if (use_onednn(a, b) && c.is_contiguous()) {
+      out.copy_(addmm(c, a, b));
+    } else {
+      at::addmm_out(out, c, a, b);
+    }
+  }
+  // x @ W + bias, W (K, N), bias (N,)
+  Tensor linear(const Tensor& x, const Tensor& W, const Tensor& bias) const {
+    if (!use_onednn(x, W)) return at::addmm(bias, x, W);
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack{x, W.t(), bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                            c10::IValue()};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+};
+
+constexpr int64_t kSigmoidTanhMinElements = 8192;  // bptt._SIGMOID_TANH_MIN_ELEMENTS
+
+// tanh(t) into out, as 2 sigmoid(2t) - 1 on large CPU tensors (bptt._tanh)
+void tanh_into(const Tensor& t, Tensor& out) {
+  if (t.numel() >= kSigmoidTanhMinElements) {
+    at::mul_out(out, t, 2.0).sigmoid_().mul_(2.0).sub_(1.0);
+  } else {
+    at::tanh_out(out, t);
+  }
+}
+
+// exp(x) for float32 in a form the compiler vectorises: 2^k 2^r with k = round(x log2 e), |r| <= 1/2, 2^r by its
+// degree-7 Taylor polynomial (relative error < 1e-8 before rounding, below float32's 6e-8).
+inline float exp_f32(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float k = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 leaves no fraction bits
+  const float r = (t - k) * 0.693147180559945309f;  // 2^(t-k) = e^r
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(k) << 23;
+  std::memcpy(&p, &bits, sizeof bits);
+  return p;
+}
+
+inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+inline float tanh_f32(float x) { return 2.0f * sigmoid_f32(2.0f * x) - 1.0f; }
+
+bool fusable(const Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
+
+// One row of the cell; restrict parameters (GCC honours restrict on parameters) let the loop vectorise.
+void cell_row(int64_t H, float* __restrict__ ai, float* __restrict__ af, float* __restrict__ ao,
+              float* __restrict__ ag, const float* __restrict__ cp, float* __restrict__ cn, float* __restrict__ tc,
+              float* __restrict__ hn) {
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = sigmoid_f32(ai[j]), f = sigmoid_f32(af[j]), o = sigmoid_f32(ao[j]), g = tanh_f32(ag[j]);
+    ai[j] = i;
+    af[j] = f;
+    ao[j] = o;
+    ag[j] = g;
+    const float cv = f * cp[j] + i * g;
+    const float tv = tanh_f32(cv);
+    cn[j] = cv;
+    tc[j] = tv;
+    hn[j] = o * tv;
+  }
+}
+
+void backward_row(int64_t H, const float* __restrict__ gi, const float* __restrict__ gf, const float* __restrict__ go,
+                  const float* __restrict__ gg, const float* __restrict__ cp, const float* __restrict__ tc,
+                  const float* __restrict__ dh, float* __restrict__ dc, float* __restrict__ dai,
+                  float* __restrict__ daf, float* __restrict__ dao, float* __restrict__ dag) {
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = gi[j], f = gf[j], o = go[j], g = gg[j], t = tc[j], d = dh[j];
+    const float dcv = dc[j] + d * o * (1.0f - t * t);
+    dai[j] = dcv * g * (i - i * i);
+    daf[j] = dcv * cp[j] * (f - f * f);
+    dao[j] = d * t * (o - o * o);
+    dag[j] = dcv * i * (1.0f - g * g);
+    dc[j] = dcv * f;
+  }
+}
+
+// The cell of bptt._lstm_cell_forward in one pass over the elements (float32, contiguous rows).
+void cell_forward_f32(Tensor& a, const Tensor& c_prev, Tensor& c, Tensor& tanh_c, Tensor& h) {
+  const int64_t N = c.size(0), H = c.size(1);
+  float* A = a.data_ptr<float>();
+  const float* Cp = c_prev.data_ptr<float>();
+  float *C = c.data_ptr<float>(), *Tc = tanh_c.data_ptr<float>(), *Hn = h.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    float* a_n = A + n * 4 * H;
+    cell_row(H, a_n, a_n + H, a_n + 2 * H, a_n + 3 * H, Cp + n * H, C + n * H, Tc + n * H, Hn + n * H);
+  }
+}
+
+// bptt._LSTMBackwardStep in one pass (float32, contiguous rows)
+void backward_step_f32(const Tensor& gates, const Tensor& c_prev, const Tensor& tanh_c, const Tensor& dh, Tensor& dc,
+                       Tensor& da) {
+  const int64_t N = dh.size(0), H = dh.size(1);
+  const float *G = gates.data_ptr<float>(), *Cp = c_prev.data_ptr<float>(), *Tc = tanh_c.data_ptr<float>();
+  const float* Dh = dh.data_ptr<float>();
+  float *Dc = dc.data_ptr<float>(), *Da = da.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* g_n = G + n * 4 * H;
+    float* da_n = Da + n * 4 * H;
+    backward_row(H, g_n, g_n + H, g_n + 2 * H, g_n + 3 * H, Cp + n * H, Tc + n * H, Dh + n * H, Dc + n * H, da_n,
+                 da_n + H, da_n + 2 * H, da_n + 3 * H);
+  }
+}
+
+// bptt._lstm_cell_forward (CPU branch): a (N, 4H) pre-activations -> gate activations in place; c, tanh_c, h
+void cell_forward(Tensor& a, const Tensor& c_prev, Tensor c, Tensor tanh_c, Tensor h) {
+  if (fusable(a) && fusable(c_prev) && fusable(c) && fusable(tanh_c) && fusable(h)) {
+    cell_forward_f32(a, c_prev, c, tanh_c, h);
+    return;
+  }
+  const int64_t H = c.size(1);
+  auto g = a.narrow(1, 3 * H, H);
+  g.mul_(2.0);
+  a.sigmoid_();
+  g.mul_(2.0).sub_(1.0);
+  at::mul_out(c, a.narrow(1, H, H), c_prev);
+  c.addcmul_(a.narrow(1, 0, H), g);
+  tanh_into(c, tanh_c);
+  at::mul_out(h, a.narrow(1, 2 * H, H), tanh_c);
+}
+
+// bptt._LSTMBackwardStep: writes da (N, 4H) from the step's activations; dc becomes the gradient reaching c_{t-1}
+struct BackwardStep {
+  Tensor dsig, tmp, ones;
+  int64_t H;
+  explicit BackwardStep(const Tensor& like) {
+    H = like.size(1) / 4;
+    dsig = at::empty({like.size(0), 3 * H}, like.options());
+    tmp = at::empty({like.size(0), H}, like.options());
+    ones = at::ones({like.size(0), H}, like.options());
+  }
+  void operator()(const Tensor& gates, const Tensor& c_prev, const Tensor& tanh_c, const Tensor& dh, Tensor& dc,
+                  Tensor da) {
+    if (fusable(gates) && fusable(c_prev) && fusable(tanh_c) && fusable(dh) && fusable(dc) && fusable(da)) {
+      backward_step_f32(gates, c_prev, tanh_c, dh, dc, da);
+      return;
+    }
+    auto i = gates.narrow(1, 0, H), f = gates.narrow(1, H, H), o = gates.narrow(1, 2 * H, H);
+    auto g = gates.narrow(1, 3 * H, H);
+    at::addcmul_out(tmp, ones, tanh_c, tanh_c, -1.0).mul_(o);
+    dc.addcmul_(tmp, dh);
+    auto sig = gates.narrow(1, 0, 3 * H);
+    at::addcmul_out(dsig, sig, sig, sig, -1.0);
+    auto da_i = da.narrow(1, 0, H), da_f = da.narrow(1, H, H), da_o = da.narrow(1, 2 * H, H);
+    auto da_g = da.narrow(1, 3 * H, H);
+    at::mul_out(da_i, dsig.narrow(1, 0, H), g).mul_(dc);
+    at::mul_out(da_f, dsig.narrow(1, H, H), c_prev).mul_(dc);
+    at::mul_out(da_o, dsig.narrow(1, 2 * H, H), tanh_c).mul_(dh);
+    at::addcmul_out(tmp, ones, g, g, -1.0).mul_(i);
+    at::mul_out(da_g, tmp, dc);
+    dc.mul_(f);
+  }
+};
+
+}  // namespace
+
+// x_tm (T*N, D) time-major, h0 (N, H) -> hs (T+1, N, H), cs (T+1, N, H), tanh_cs (T, N, H), gates (T, N, 4H)
+std::vector<Tensor> lstm_forward(const Tensor& x_tm, const Tensor& h0, const Tensor& Wx, const Tensor& Wh,
+                                 const Tensor& b, bool onednn) {
+  const Gemm gemm{onednn};
+  const int64_t N = h0.size(0), H = h0.size(1), T = x_tm.size(0) / N;
+  auto xw = gemm.linear(x_tm, Wx, b).view({T, N, 4 * H});  // every step's x_t Wx + b
+  auto gates = at::empty({T, N, 4 * H}, h0.options());
+  auto hs = at::empty({T + 1, N, H}, h0.options());
+  auto cs = at::empty({T + 1, N, H}, h0.options());
+  auto tanh_cs = at::empty({T, N, H}, h0.options());
+  hs[0].copy_(h0);
+  cs[0].zero_();
+  for (int64_t t = 0; t < T; ++t) {
+    auto a = gates[t];
+    gemm.addmm_into(a, xw[t], hs[t], Wh);
+    cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hs[t + 1]);
+  }
+  return {hs, cs, tanh_cs, gates};
+}
+
+// dh_tm (T, N, H) contiguous -> dx_tm (T*N, D), dh0, dWx, dWh, db (undefined where not needed)
+std::vector<Tensor> lstm_backward(const Tensor& dh_tm, const Tensor& x_tm, const Tensor& Wx, const Tensor& Wh,
+                                  const Tensor& hs, const Tensor& cs, const Tensor& tanh_cs, const Tensor& gates,
+                                  std::vector<bool> needs, bool onednn) {
+  const Gemm gemm{onednn};
+  const int64_t T = gates.size(0), N = gates.size(1), H = hs.size(2);
+  auto WhT = Wh.t();
+  BackwardStep step(gates[0]);
+  auto da = at::empty({T, N, 4 * H}, gates.options());
+  auto dh = dh_tm[T - 1].clone();
+  auto dc = at::zeros_like(dh);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t]);
+    if (t) dh = gemm.addmm(dh_tm[t - 1], da[t], WhT);
+  }
+  auto da_flat = da.view({T * N, 4 * H});
+  Tensor dx, dh0, dWx, dWh, db;
+  if (needs[0]) dx = gemm.mm(da_flat, Wx.t());
+  if (needs[1]) dh0 = gemm.mm(da[0], WhT);
+  auto h_prev = hs.narrow(0, 0, T).reshape({T * N, H});
+  if (needs[2] && needs[3]) {  // [dWx; dWh] = [x, h_prev]^T da: one product over all steps
+    auto dW = gemm.mm(at::cat({x_tm, h_prev}, 1).t(), da_flat);
+    dWx = dW.narrow(0, 0, x_tm.size(1));
+    dWh = dW.narrow(0, x_tm.size(1), H);
+  } else {
+    if (needs[2]) dWx = gemm.mm(x_tm.t(), da_flat);
+    if (needs[3]) dWh = gemm.mm(h_prev.t(), da_flat);
+  }
+  if (needs[4]) db = da_flat.sum(0);
+  return {dx, dh0, dWx, dWh, db};
+}
+
+// x_tm (T*N, D), A_flat (N, H, P) -> hx (T+1, N, 2H), cs (T+1, N, H), tanh_cs (T, N, H), weights (T, N, P),
+// gates (T, N, 4H); W_ha = [Wh; Wattn] (2H, 4H)
+std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_flat, const Tensor& Wx,
+                                           const Tensor& W_ha, const Tensor& b, bool onednn) {
+  const Gemm gemm{onednn};
+  const int64_t N = A_flat.size(0), H = A_flat.size(1), P = A_flat.size(2), T = x_tm.size(0) / N;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(H));
+  auto xw = gemm.linear(x_tm, Wx, b).view({T, N, 4 * H});
+  auto gates = at::empty({T, N, 4 * H}, A_flat.options());
+  auto hx = at::zeros({T + 1, N, 2 * H}, A_flat.options());
+  auto cs = at::empty({T + 1, N, H}, A_flat.options());
+  auto weights = at::empty({T, N, P}, A_flat.options());
+  auto tanh_cs = at::empty({T, N, H}, A_flat.options());
+  auto h_next = at::empty({N, H}, A_flat.options());
+  auto h0 = A_flat.mean(2);
+  hx[0].narrow(1, 0, H).copy_(h0);
+  cs[0].copy_(h0);
+  auto A_T = A_flat.transpose(1, 2);
+  for (int64_t t = 0; t < T; ++t) {
+    auto h = hx[t].narrow(1, 0, H), attn = hx[t].narrow(1, H, H);
+    auto scores = at::bmm(h.unsqueeze(1), A_flat).squeeze(1).mul_(scale);
+    auto w = weights[t];
+    at::_softmax_out(w, scores, 1, false);
+    attn.copy_(at::bmm(w.unsqueeze(1), A_T).squeeze(1));
+    auto a = gates[t];
+    gemm.addmm_into(a, xw[t], hx[t], W_ha);
+    cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], h_next);
+    hx[t + 1].narrow(1, 0, H).copy_(h_next);
+  }
+  return {hx, cs, tanh_cs, weights, gates};
+}
+
+// bptt._attention_lstm_bptt: hx (>= T, N, 2H) -> dx_tm, dA (N, H, P), dWx, dWh, dWattn, db
+std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x_tm, const Tensor& A_flat,
+                                            const Tensor& Wx, const Tensor& W_ha, const Tensor& hx_all,
+                                            const Tensor& cs, const Tensor& tanh_cs, const Tensor& weights,
+                                            const Tensor& gates, std::vector<bool> needs, bool onednn) {
+  const Gemm gemm{onednn};
+  const int64_t T = gates.size(0), N = gates.size(1), H = A_flat.size(1), P = A_flat.size(2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(H));
+  auto hx = hx_all.narrow(0, 0, T);
+  auto W_haT = W_ha.t();
+  BackwardStep step(gates[0]);
+  auto da = at::empty({T, N, 4 * H}, gates.options());
+  auto dhx = at::empty({T, N, 2 * H}, gates.options());
+  auto dscores = at::empty_like(weights);
+  auto dh = dh_tm[T - 1].clone();
+  auto dc = at::zeros_like(dh);
+  auto A_T = A_flat.transpose(1, 2);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t]);
+    auto dhx_t = dhx[t];
+    dhx_t.copy_(gemm.mm(da[t], W_haT));
+    auto w = weights[t];
+    auto dw = at::bmm(dhx_t.narrow(1, H, H).unsqueeze(1), A_flat).squeeze(1);
+    dw.sub_((dw * w).sum(1, true)).mul_(w);
+    dscores[t].copy_(dw);
+    auto dh_attn = at::bmm(dw.unsqueeze(1), A_T).squeeze(1);
+    if (t) {
+      at::add_out(dh, dh_tm[t - 1], dhx_t.narrow(1, 0, H));
+    } else {
+      dh.copy_(dhx_t.narrow(1, 0, H));
+    }
+    dh.add_(dh_attn, scale);
+  }
+  Tensor dx, dA, dWx, dWh, dWattn, db;
+  auto da_flat = da.view({T * N, 4 * H});
+  if (needs[1]) {
+    dA = at::bmm(dhx.narrow(2, H, H).permute({1, 2, 0}), weights.transpose(0, 1));
+    dA.baddbmm_(hx.narrow(2, 0, H).permute({1, 2, 0}), dscores.transpose(0, 1), 1.0, scale);
+    dA.add_(((dh + dc) / static_cast<double>(P)).unsqueeze(2));
+  }
+  if (needs[0]) dx = gemm.mm(da_flat, Wx.t());
+  const int64_t D = x_tm.size(1);
+  if (needs[2] && (needs[3] || needs[4])) {  // [dWx; dWh; dWattn] = [x, h_prev, attn]^T da in one product
+    auto dW = gemm.mm(at::cat({x_tm, hx.reshape({T * N, 2 * H})}, 1).t(), da_flat);
+    dWx = dW.narrow(0, 0, D);
+    dWh = dW.narrow(0, D, H);
+    dWattn = dW.narrow(0, D + H, H);
+  } else {
+    if (needs[2]) dWx = gemm.mm(x_tm.t(), da_flat);
+    if (needs[3] || needs[4]) {
+      auto dW_ha = gemm.mm(hx.reshape({T * N, 2 * H}).t(), da_flat);
+      dWh = dW_ha.narrow(0, 0, H);
+      dWattn = dW_ha.narrow(0, H, H);
+    }
+  }
+  if (needs[5]) db = da_flat.sum(0);
+  return {dx, dA, dWx, dWh, dWattn, db};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lstm_forward", &lstm_forward);
+  m.def("lstm_backward", &lstm_backward);
+  m.def("attention_lstm_forward", &attention_lstm_forward);
+  m.def("attention_lstm_backward", &attention_lstm_backward);
+}

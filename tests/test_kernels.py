@@ -1,0 +1,122 @@
+"""The compiled recurrence (kernels.py, csrc/recurrence.cpp): the same forward and BPTT as bptt.py's Python loops,
+loaded only when built, never compiled by a run."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from captioning.models import bptt, kernels
+
+N, T, D, H, Dh, Dw = 3, 5, 4, 6, 2, 3
+
+# `make test` builds the module at install and sets this, so there the comparison cannot skip itself away
+REQUIRED = os.environ.get("CAPTIONING_REQUIRE_KERNELS") == "1"
+
+
+@pytest.fixture
+def compiled():
+    module = kernels.load()
+    if module is None:
+        assert not REQUIRED, (f"the compiled recurrence is not built in {kernels.build_directory()}: `make install` "
+                              "builds it (python -m captioning.models.kernels)")
+        pytest.skip("the compiled recurrence is not built here (python -m captioning.models.kernels)")
+    return module
+
+
+def _inputs(cell: str, dtype: torch.dtype, n: int = N, t: int = T, d: int = D, h: int = H):
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, fan_in=1):  # weights scaled as the model initialises them: gates not all saturated
+        return (torch.randn(*shape, generator=g, dtype=dtype) / fan_in ** 0.5).requires_grad_(True)
+
+    if cell == "lstm":
+        return rand(n, t, d), rand(n, h), rand(d, 4 * h, fan_in=d), rand(h, 4 * h, fan_in=h), rand(4 * h)
+    return (rand(n, t, d), rand(n, h, Dh, Dw), rand(d, 4 * h, fan_in=d), rand(h, 4 * h, fan_in=h),
+            rand(h, 4 * h, fan_in=h), rand(4 * h))
+
+
+FORWARDS = {"lstm": bptt.lstm_forward_manual, "attention": bptt.attention_lstm_forward_manual}
+
+
+def _run(cell, inputs, monkeypatch, module):
+    monkeypatch.setattr(kernels, "_loaded", module)
+    out = FORWARDS[cell](*inputs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("cell", sorted(FORWARDS))
+@pytest.mark.parametrize("dtype,size", [(torch.float64, "tiny"), (torch.float32, "tiny"), (torch.float32, "wide")])
+def test_the_compiled_loops_compute_what_the_python_loops_do(cell, dtype, size, compiled, monkeypatch):
+    # "wide": H = 256, products large enough to go to oneDNN (the tiny ones go to ATen's BLAS)
+    shape = dict(n=N, t=T, d=D, h=H) if size == "tiny" else dict(n=64, t=4, d=32, h=256)
+    inputs = _inputs(cell, dtype, **shape)
+    out_c, grads_c = _run(cell, inputs, monkeypatch, compiled)
+    out_p, grads_p = _run(cell, inputs, monkeypatch, None)
+    # float32: the same math to rounding (products summed in another order, exp by its own polynomial)
+    eps = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip((out_c, *grads_c), (out_p, *grads_p), strict=True):
+        torch.testing.assert_close(a, b, rtol=eps, atol=eps * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("cell", sorted(FORWARDS))
+def test_the_compiled_loops_pass_gradcheck(cell, compiled, monkeypatch):
+    monkeypatch.setattr(kernels, "_loaded", compiled)
+    assert torch.autograd.gradcheck(FORWARDS[cell], _inputs(cell, torch.float64, 2, 3, 3, 4), eps=1e-6, atol=1e-8,
+                                    rtol=1e-6)
+
+
+@pytest.mark.parametrize("cell", sorted(FORWARDS))
+def test_the_compiled_loops_under_bf16_autocast(cell, compiled, monkeypatch):
+    inputs = [t.detach().requires_grad_(True) for t in _inputs(cell, torch.float32, 8, 4, 16, 32)]
+    results = {}
+    for module in (compiled, None):
+        monkeypatch.setattr(kernels, "_loaded", module)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = FORWARDS[cell](*inputs)
+        assert out.dtype == torch.bfloat16
+        results[module is None] = (out.float(), torch.autograd.grad(out.float().sum(), inputs))
+    torch.testing.assert_close(results[False][0], results[True][0], rtol=0.05, atol=0.05)
+    for a, b in zip(results[False][1], results[True][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.1)
+
+
+def test_a_run_never_compiles_and_an_unbuilt_module_means_the_python_loops(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONING_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
+    tic = time.perf_counter()
+    assert kernels.load() is None  # nothing built there: no compiler started
+    assert time.perf_counter() - tic < 5
+    assert not any(tmp_path.iterdir())
+    x, h0, Wx, Wh, b = _inputs("lstm", torch.float64)
+    torch.testing.assert_close(bptt.lstm_forward_manual(x, h0, Wx, Wh, b).shape, torch.Size([N, T, H]))
+    monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
+    monkeypatch.setenv("CAPTIONING_KERNELS", "off")
+    monkeypatch.delenv("CAPTIONING_KERNELS_DIR")
+    assert kernels.load() is None
+
+
+def test_the_build_folder_is_keyed_by_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONING_KERNELS_DIR", str(tmp_path))
+    before = kernels.build_directory()
+    assert before.parent == tmp_path
+    edited = tmp_path / "recurrence.cpp"
+    edited.write_bytes(kernels.SOURCE.read_bytes() + b"\n// edited\n")
+    monkeypatch.setattr(kernels, "SOURCE", edited)
+    assert kernels.build_directory() != before  # an old build is not loaded for a new source
+
+
+def test_a_failed_build_says_what_to_do_and_training_goes_on(monkeypatch, capsys):
+    def fail(verbose=False):
+        raise OSError("g++: command not found")
+
+    monkeypatch.setattr(kernels, "build", fail)
+    assert kernels.main([]) == 1
+    err = capsys.readouterr().err
+    assert "g++: command not found" in err and "python -m captioning.models.kernels" in err
+    assert "without it" in err
