@@ -13,6 +13,11 @@ Cases, per size (interleaved, median over rounds; see common.py):
   twin; its ratio is against the nn LSTM step, which does less work.
 - ``core``: the recurrence alone, ``h = core(x, h0)`` and ``(h * g).sum().backward()``, against the nn
   layer: isolates the hand-written core from the captioner's fused vocabulary loss.
+- ``core ..., python loops``: the manual core with bptt.py's Python loops, beside the compiled ones
+  (captioning.models.kernels) where those are built: what the compiled loop buys.
+
+Sizes: ``large`` (COCO-like), ``default`` (the built-in set's default model: N=64, T=12, W=128, H=256),
+``small`` (N=32, H=128).
 
 Captions fill all T positions (no ``<NULL>``), so every position is projected on both sides and the FLOP
 count is exact. FLOPs are the matmuls', counted analytically (element-wise work is not counted), with
@@ -49,11 +54,13 @@ from common import (
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from captioning.models import CaptioningRNN
+from captioning.models import CaptioningRNN, kernels
 
 SIZES = {  # N, T, W, H, V, D (feature channels), feature map side for attention
     "large": {"N": 128, "T": 16, "W": 256, "H": 512, "V": 10000, "D": 512, "side": 7},
     "small": {"N": 32, "T": 12, "W": 64, "H": 128, "V": 1000, "D": 128, "side": 4},
+    # the project's default model on the built-in set (conf/model/attention.yaml, batch 64, 64 px SmallCNN)
+    "default": {"N": 64, "T": 12, "W": 128, "H": 256, "V": 50, "D": 256, "side": 4},
 }
 CELLS = ("rnn", "lstm", "attention")
 BACKWARDS = ("autograd", "manual")
@@ -121,13 +128,19 @@ def build_cases(size: str, device: torch.device, cells: tuple[str, ...]) -> dict
             model(features, captions).backward()
         return run
 
-    def core_step(layer: nn.Module, state):
+    def core_step(layer: nn.Module, state, python_loops: bool = False):
         def run() -> None:
             layer.zero_grad(set_to_none=True)
             x.grad = None
-            out = layer(x, state)
-            h = out[0] if isinstance(out, tuple) else out
-            (h * upstream).sum().backward()
+            compiled = kernels.load()
+            if python_loops:  # the manual BPTT's Python loops, as where the compiled ones are not built
+                kernels._loaded = None
+            try:
+                out = layer(x, state)
+                h = out[0] if isinstance(out, tuple) else out
+                (h * upstream).sum().backward()
+            finally:
+                kernels._loaded = compiled
         return run
 
     cases = {}
@@ -147,6 +160,10 @@ def build_cases(size: str, device: torch.device, cells: tuple[str, ...]) -> dict
             cases[f"step {name}"] = (training_step(model, features), step_flops(cell, s), f"step {baseline}", cell)
             cases[f"core {name}"] = (core_step(model.core, A if cell == "attention" else h0), core_flops(cell, s),
                                      f"core {baseline}", cell)
+            if backward == "manual" and cell != "rnn" and kernels.for_tensor(x) is not None:
+                cases[f"core {name}, python loops"] = (
+                    core_step(model.core, A if cell == "attention" else h0, python_loops=True), core_flops(cell, s),
+                    f"core {baseline}", cell)
     return cases
 
 
@@ -199,7 +216,8 @@ def print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
-    parser.add_argument("--sizes", default="large,small", help="comma-separated: large, small (default both)")
+    parser.add_argument("--sizes", default="large,default,small",
+                        help="comma-separated: large, default (the built-in set's model), small (default all)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated cells (default rnn,lstm,attention)")
     parser.add_argument("--profile", default=None, metavar="CASE",
                         help="instead of the table, profile one step case (e.g. lstm-manual, nn-lstm) at the first "

@@ -254,8 +254,8 @@ class _LSTMFunction(torch.autograd.Function):
         compiled = _compiled(x)
         ctx.compiled = compiled is not None
         if compiled is not None:  # the same loop in C++ (kernels.py)
-            hs, cs, tanh_cs, gates = compiled.lstm_forward(x_tm, h0, Wx, Wh, b, _onednn(x))
-            ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, tanh_cs, gates)
+            hs, cs, tanh_cs, *gates = compiled.lstm_forward(x_tm, h0, Wx, Wh, b, _onednn(x))
+            ctx.save_for_backward(x_tm, Wx, Wh, hs, cs, tanh_cs, *gates)
             return _batch_major(hs[1:])
         xw = _input_projection(x_tm, Wx, b, T, N)
         hs = x.new_empty(T + 1, N, H)
@@ -278,7 +278,7 @@ class _LSTMFunction(torch.autograd.Function):
         T = T1 - 1
         if ctx.compiled:
             dx, dh0, dWx, dWh, db = _compiled(x_tm).lstm_backward(
-                _time_major_grads(dh_out), x_tm, Wx, Wh, hs, cs, tanh_cs, gates[0], list(ctx.needs_input_grad),
+                _time_major_grads(dh_out), x_tm, Wx, Wh, hs, cs, tanh_cs, gates, list(ctx.needs_input_grad),
                 _onednn(x_tm))
             return None if dx is None else dx.view(T, N, -1).transpose(0, 1), dh0, dWx, dWh, db
         WhT = Wh.t()
@@ -320,8 +320,9 @@ class _AttentionLSTMFunction(torch.autograd.Function):
         compiled = _compiled(x)
         ctx.compiled = compiled is not None
         if compiled is not None:  # the same loop in C++ (kernels.py)
-            hx, cs, tanh_cs, weights, gates = compiled.attention_lstm_forward(x_tm, A_flat, Wx, W_ha, b, _onednn(x))
-            ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, gates)
+            hx, cs, tanh_cs, weights, *gates = compiled.attention_lstm_forward(x_tm, A_flat, Wx, W_ha, b,
+                                                                               _onednn(x))
+            ctx.save_for_backward(x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates)
             return _batch_major(hx[1:, :, :H])
         xw = _input_projection(x_tm, Wx, b, T, N)
         gates = []
@@ -348,8 +349,6 @@ class _AttentionLSTMFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh_out: Tensor) -> tuple:
         x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, *gates = ctx.saved_tensors
-        if ctx.compiled:
-            gates = gates[0]  # one (T, N, 4H) buffer
         return _attention_lstm_bptt(ctx.needs_input_grad, dh_out, x_tm, A_flat, Wx, W_ha, hx[:-1], cs, tanh_cs,
                                     weights, gates, ctx.A_shape)
 
@@ -360,15 +359,14 @@ def _attention_lstm_bptt(needs: tuple[bool, ...], dh_out: Tensor, x_tm: Tensor, 
     """BPTT of the attention LSTM from a forward's saved tensors: hx (T, N, 2H) the steps' [h_{t-1}, attn_t],
     cs (>= T, N, H) with cs[t] = c_{t-1}, tanh_cs (T, N, H), weights (T, N, P), gates (T of (N, 4H))
     -> the gradients of (x, A, Wx, Wh, Wattn, b), None where ``needs`` says no. Runs the compiled loop
-    (kernels.py) on CPU when built, given the gates as one (T, N, 4H) tensor."""
+    (kernels.py) on CPU when built."""
     compiled = _compiled(hx)
     if compiled is not None:
-        if not isinstance(gates, Tensor):
-            gates = torch.stack(gates)
+        gates = list(gates)
         dx, dA, dWx, dWh, dWattn, db = compiled.attention_lstm_backward(
             _time_major_grads(dh_out), x_tm, A_flat, Wx, W_ha, hx, cs, tanh_cs, weights, gates, list(needs[:6]),
             _onednn(x_tm))
-        T, N = gates.shape[:2]
+        T, N = len(gates), gates[0].shape[0]
         return (None if dx is None else dx.view(T, N, -1).transpose(0, 1), None if dA is None else dA.view(A_shape),
                 dWx, dWh, dWattn, db)
     T, N, H2 = hx.shape

@@ -42,14 +42,6 @@ struct Gemm {
     op.callBoxed(&stack);
     return stack[0].toTensor();
   }
-  // out = c + a @ b, out (M, N) contiguous and distinct from c
-  void addmm_into(Tensor out, const Tensor& c, const Tensor& a, const Tensor& b) const {
-    if (use_onednn(a, b) && c.is_contiguous()) {
-      out.copy_(addmm(c, a, b));
-    } else {
-      at::addmm_out(out, c, a, b);
-    }
-  }
   // x @ W + bias, W (K, N), bias (N,)
   Tensor linear(const Tensor& x, const Tensor& W, const Tensor& bias) const {
     if (!use_onednn(x, W)) return at::addmm(bias, x, W);
@@ -211,35 +203,36 @@ struct BackwardStep {
 
 }  // namespace
 
-// x_tm (T*N, D) time-major, h0 (N, H) -> hs (T+1, N, H), cs (T+1, N, H), tanh_cs (T, N, H), gates (T, N, 4H)
+// x_tm (T*N, D) time-major, h0 (N, H) -> hs (T+1, N, H), cs (T+1, N, H), tanh_cs (T, N, H), then the T steps'
+// gate activations (N, 4H) (one tensor each, as the products return them: no copy into a buffer)
 std::vector<Tensor> lstm_forward(const Tensor& x_tm, const Tensor& h0, const Tensor& Wx, const Tensor& Wh,
                                  const Tensor& b, bool onednn) {
   const Gemm gemm{onednn};
   const int64_t N = h0.size(0), H = h0.size(1), T = x_tm.size(0) / N;
   auto xw = gemm.linear(x_tm, Wx, b).view({T, N, 4 * H});  // every step's x_t Wx + b
-  auto gates = at::empty({T, N, 4 * H}, h0.options());
   auto hs = at::empty({T + 1, N, H}, h0.options());
   auto cs = at::empty({T + 1, N, H}, h0.options());
   auto tanh_cs = at::empty({T, N, H}, h0.options());
   hs[0].copy_(h0);
   cs[0].zero_();
+  std::vector<Tensor> out{hs, cs, tanh_cs};
   for (int64_t t = 0; t < T; ++t) {
-    auto a = gates[t];
-    gemm.addmm_into(a, xw[t], hs[t], Wh);
+    auto a = gemm.addmm(xw[t], hs[t], Wh);
     cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hs[t + 1]);
+    out.push_back(a);
   }
-  return {hs, cs, tanh_cs, gates};
+  return out;
 }
 
 // dh_tm (T, N, H) contiguous -> dx_tm (T*N, D), dh0, dWx, dWh, db (undefined where not needed)
 std::vector<Tensor> lstm_backward(const Tensor& dh_tm, const Tensor& x_tm, const Tensor& Wx, const Tensor& Wh,
-                                  const Tensor& hs, const Tensor& cs, const Tensor& tanh_cs, const Tensor& gates,
-                                  std::vector<bool> needs, bool onednn) {
+                                  const Tensor& hs, const Tensor& cs, const Tensor& tanh_cs,
+                                  const std::vector<Tensor>& gates, std::vector<bool> needs, bool onednn) {
   const Gemm gemm{onednn};
-  const int64_t T = gates.size(0), N = gates.size(1), H = hs.size(2);
+  const int64_t T = static_cast<int64_t>(gates.size()), N = gates[0].size(0), H = hs.size(2);
   auto WhT = Wh.t();
   BackwardStep step(gates[0]);
-  auto da = at::empty({T, N, 4 * H}, gates.options());
+  auto da = at::empty({T, N, 4 * H}, gates[0].options());
   auto dh = dh_tm[T - 1].clone();
   auto dc = at::zeros_like(dh);
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -264,14 +257,13 @@ std::vector<Tensor> lstm_backward(const Tensor& dh_tm, const Tensor& x_tm, const
 }
 
 // x_tm (T*N, D), A_flat (N, H, P) -> hx (T+1, N, 2H), cs (T+1, N, H), tanh_cs (T, N, H), weights (T, N, P),
-// gates (T, N, 4H); W_ha = [Wh; Wattn] (2H, 4H)
+// then the T steps' gates (N, 4H); W_ha = [Wh; Wattn] (2H, 4H)
 std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_flat, const Tensor& Wx,
                                            const Tensor& W_ha, const Tensor& b, bool onednn) {
   const Gemm gemm{onednn};
   const int64_t N = A_flat.size(0), H = A_flat.size(1), P = A_flat.size(2), T = x_tm.size(0) / N;
   const double scale = 1.0 / std::sqrt(static_cast<double>(H));
   auto xw = gemm.linear(x_tm, Wx, b).view({T, N, 4 * H});
-  auto gates = at::empty({T, N, 4 * H}, A_flat.options());
   auto hx = at::zeros({T + 1, N, 2 * H}, A_flat.options());
   auto cs = at::empty({T + 1, N, H}, A_flat.options());
   auto weights = at::empty({T, N, P}, A_flat.options());
@@ -281,33 +273,38 @@ std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_f
   hx[0].narrow(1, 0, H).copy_(h0);
   cs[0].copy_(h0);
   auto A_T = A_flat.transpose(1, 2);
+  std::vector<Tensor> gates;
   for (int64_t t = 0; t < T; ++t) {
     auto h = hx[t].narrow(1, 0, H), attn = hx[t].narrow(1, H, H);
     auto scores = at::bmm(h.unsqueeze(1), A_flat).squeeze(1).mul_(scale);
     auto w = weights[t];
     at::_softmax_out(w, scores, 1, false);
     attn.copy_(at::bmm(w.unsqueeze(1), A_T).squeeze(1));
-    auto a = gates[t];
-    gemm.addmm_into(a, xw[t], hx[t], W_ha);
+    auto a = gemm.addmm(xw[t], hx[t], W_ha);
     cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], h_next);
     hx[t + 1].narrow(1, 0, H).copy_(h_next);
+    gates.push_back(a);
   }
-  return {hx, cs, tanh_cs, weights, gates};
+  std::vector<Tensor> out{hx, cs, tanh_cs, weights};
+  out.insert(out.end(), gates.begin(), gates.end());
+  return out;
 }
 
 // bptt._attention_lstm_bptt: hx (>= T, N, 2H) -> dx_tm, dA (N, H, P), dWx, dWh, dWattn, db
 std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x_tm, const Tensor& A_flat,
                                             const Tensor& Wx, const Tensor& W_ha, const Tensor& hx_all,
                                             const Tensor& cs, const Tensor& tanh_cs, const Tensor& weights,
-                                            const Tensor& gates, std::vector<bool> needs, bool onednn) {
+                                            const std::vector<Tensor>& gates, std::vector<bool> needs,
+                                            bool onednn) {
   const Gemm gemm{onednn};
-  const int64_t T = gates.size(0), N = gates.size(1), H = A_flat.size(1), P = A_flat.size(2);
+  const int64_t T = static_cast<int64_t>(gates.size()), N = gates[0].size(0), H = A_flat.size(1);
+  const int64_t P = A_flat.size(2);
   const double scale = 1.0 / std::sqrt(static_cast<double>(H));
   auto hx = hx_all.narrow(0, 0, T);
   auto W_haT = W_ha.t();
   BackwardStep step(gates[0]);
-  auto da = at::empty({T, N, 4 * H}, gates.options());
-  auto dhx = at::empty({T, N, 2 * H}, gates.options());
+  auto da = at::empty({T, N, 4 * H}, gates[0].options());
+  auto dhx = at::empty({T, N, 2 * H}, gates[0].options());
   auto dscores = at::empty_like(weights);
   auto dh = dh_tm[T - 1].clone();
   auto dc = at::zeros_like(dh);
