@@ -62,9 +62,11 @@ def run_cell(cell: str, batch: int, max_length: int, device: torch.device, round
         "nucleus 0.9, 5 samples": lambda: sample_decode(model, features, max_length, top_p=0.9, n_best=5).captions,
         "ensemble of 2, greedy": lambda: greedy_decode(pair, features, max_length).captions,
     }
-    lengths = {name: float(fn().ne(model.null_id).sum(dim=1).float().mean()) for name, fn in methods.items()}
-    memory = {name: peak_memory(fn, device) for name, fn in methods.items()}
-    times = interleaved_times(methods, device, rounds, clock=clock)
+    # decoded under inference_mode as the entry points do, by models made outside it as they load them
+    with torch.inference_mode():
+        lengths = {name: float(fn().ne(model.null_id).sum(dim=1).float().mean()) for name, fn in methods.items()}
+        memory = {name: peak_memory(fn, device) for name, fn in methods.items()}
+        times = interleaved_times(methods, device, rounds, clock=clock)
     greedy = median(times["greedy"])
     rows = []
     for name in methods:
@@ -90,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     for cell in cells:
         if cell not in ("rnn", "lstm", "attention"):
             parser.error(f"--cells: unknown cell {cell!r}; choose from rnn, lstm, attention")
-    with torch.inference_mode():
-        results = [run_cell(cell, args.batch, args.max_length, device, args.rounds, clock_of(args)) for cell in cells]
+    results = [run_cell(cell, args.batch, args.max_length, device, args.rounds, clock_of(args)) for cell in cells]
     report = {"benchmark": "decoding", "machine": machine_info(device), "rounds": args.rounds, "clock": args.clock,
               "batch": args.batch,
               "max_length": args.max_length, "dims": DIMS, "target_beam3_over_greedy": TARGET_BEAM3_OVER_GREEDY,

@@ -275,3 +275,22 @@ def test_replay_refuses_what_the_steps_did_not_do():
         decoder.train()(None, full, replay=replay)
     with pytest.raises(ValueError, match="were recorded"):
         decoder.eval()(None, decoder.with_start(torch.cat([captions, captions], dim=1)), replay=replay)
+
+
+def test_a_model_made_under_inference_mode_decodes_with_the_course_step():
+    # its weights keep no version counter, so no stacked copy could know it is current
+    from captioning.models.decoding import greedy_decode
+
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        made_inside = CaptioningRNN(12, D, 5, H, cell_type="attention").double()
+        features = torch.randn(N, D, Dh, Dw, dtype=torch.float64)
+        assert not made_inside.core.fuses_steps()
+        inside = greedy_decode(made_inside, features, 6)
+    torch.manual_seed(0)
+    made_outside = CaptioningRNN(12, D, 5, H, cell_type="attention").double()
+    with torch.inference_mode():
+        assert made_outside.core.fuses_steps()
+        outside = greedy_decode(made_outside, features, 6)
+    assert torch.equal(inside.captions, outside.captions)
+    torch.testing.assert_close(inside.log_probs, outside.log_probs, rtol=1e-12, atol=1e-12)

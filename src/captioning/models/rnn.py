@@ -200,9 +200,11 @@ class _Recurrent(nn.Module):
         return f"input_dim={self.input_dim}, hidden_dim={self.hidden_dim}, backward={self.backward!r}"
 
     def fuses_steps(self) -> bool:
-        """Whether ``step`` takes the fused path: no autograd graph to record and no tracer (the export
-        traces the course's step functions)."""
-        return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        """Whether ``step`` takes the fused path: no autograd graph to record, no tracer (the export traces the
+        course's step functions), and weights that keep a version counter (not made under inference_mode), by which
+        the stacked copy knows it is current."""
+        return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                    or self.Wx.is_inference())
 
     def stacked_weights(self, *weights: Tensor) -> Tensor:
         """The weights stacked row-wise, e.g. [Wx; Wh] (D + H, G), in the dtype the step computes in (autocast's
