@@ -94,7 +94,7 @@ def test_a_run_never_compiles_and_an_unbuilt_module_means_the_python_loops(tmp_p
     assert time.perf_counter() - tic < 5
     assert not any(tmp_path.iterdir())
     x, h0, Wx, Wh, b = _inputs("lstm", torch.float64)
-    torch.testing.assert_close(bptt.lstm_forward_manual(x, h0, Wx, Wh, b).shape, torch.Size([N, T, H]))
+    assert bptt.lstm_forward_manual(x, h0, Wx, Wh, b).shape == (N, T, H)  # the Python loops
     monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
     monkeypatch.setenv("CAPTIONING_KERNELS", "off")
     monkeypatch.delenv("CAPTIONING_KERNELS_DIR")
@@ -120,3 +120,17 @@ def test_a_failed_build_says_what_to_do_and_training_goes_on(monkeypatch, capsys
     err = capsys.readouterr().err
     assert "g++: command not found" in err and "python -m captioning.models.kernels" in err
     assert "without it" in err
+
+
+def test_a_build_that_does_not_load_is_a_warning_naming_it_and_the_python_loops_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONING_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
+    folder = kernels.build_directory()
+    folder.mkdir(parents=True)
+    (folder / f"{kernels.NAME}.so").write_bytes(b"not a shared library")
+    with pytest.warns(RuntimeWarning, match="does not load") as record:
+        assert kernels.load() is None
+    message = str(record[0].message)
+    assert str(folder) in message and "python -m captioning.models.kernels" in message
+    x, h0, Wx, Wh, b = _inputs("lstm", torch.float64)
+    assert bptt.lstm_forward_manual(x, h0, Wx, Wh, b).shape == (N, T, H)

@@ -247,15 +247,17 @@ class SelfCritical(Objective):
             chunk = state if stop - start == rows else state.index_select(torch.arange(start, stop,
                                                                                        device=state.h.device))
             sampled = torch.arange(start, stop, device=state.h.device) < num_sampled
+            has_greedy = stop > num_sampled  # known here: no device sync per step
 
-            def draw(log_probs: Tensor, previous: Tensor, sampled: Tensor = sampled) -> tuple[Tensor, Tensor]:
+            def draw(log_probs: Tensor, previous: Tensor, sampled: Tensor = sampled,
+                     has_greedy: bool = has_greedy) -> tuple[Tensor, Tensor]:
                 tempered = (log_probs / temperature).log_softmax(dim=1)
                 live = (previous != end) & (previous != null) & sampled
                 p = tempered.exp()
                 entropy[0] = entropy[0] - (p * tempered.nan_to_num(neginf=0.0)).sum(dim=1)[live].sum()
                 entropy[1] = entropy[1] + live.sum()  # a tensor: no device sync per step
                 words = torch.multinomial(p, 1).squeeze(1)
-                if not bool(sampled.all()):
+                if has_greedy:
                     words = torch.where(sampled, words, log_probs.argmax(dim=1))
                 return words, tempered.gather(1, words.unsqueeze(1)).squeeze(1)
 
@@ -293,10 +295,8 @@ class SelfCritical(Objective):
         rows = torch.cat([sample_rows, torch.arange(N, device=features.device)]) if greedy else sample_rows
         replay = self.replays(decoder, len(rows))
         tic = time.perf_counter()
-        with torch.no_grad():
-            decoding = DecoderState(*(None if t is None else t.detach().index_select(0, rows)
-                                      for t in (state.h, state.c, state.A, state.image)),
-                                    steps=[] if replay else None)
+        with torch.no_grad():  # the decoding's copy of the state, outside the graph
+            decoding = dataclasses.replace(state.index_select(rows), steps=[] if replay else None)
             captions, entropy = self._decode(decoder, decoding, N * K)
         samples, greedy_captions = captions[:N * K], captions[N * K:]
         decode_seconds = time.perf_counter() - tic

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -69,10 +70,16 @@ def load() -> ModuleType | None:
         path = None if os.environ.get("CAPTIONING_KERNELS", "").lower() in ("off", "0", "false") \
             else _library(build_directory())
         if path is not None:
-            spec = importlib.util.spec_from_file_location(NAME, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            _loaded = module
+            try:
+                spec = importlib.util.spec_from_file_location(NAME, path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                _loaded = module
+            except (ImportError, OSError) as error:  # e.g. built against other libraries than these
+                warnings.warn(
+                    f"captioning: the compiled recurrence {path} does not load ({error}); training goes on with the "
+                    f"Python loops. Delete {path.parent} and run `python -m captioning.models.kernels` to build it "
+                    "again for this torch.", RuntimeWarning, stacklevel=2)
     return _loaded  # type: ignore[return-value]
 
 

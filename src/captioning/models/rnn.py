@@ -220,9 +220,8 @@ class _Recurrent(nn.Module):
         return cached[1]
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_stacked", None)  # a cache, not part of the module
+        state = self.__dict__.copy()
+        state.pop("_stacked", None)  # a cache, not part of the module (pickling, deepcopy)
         return state
 
 
