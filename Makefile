@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the recurrent cores' loops compiled once (~30 s; C++ compiler and ninja); without them the same math runs in
 # Python loops, slower at small sizes, so a failed build only warns
-$(VENV)/.kernels: $(VENV)/.installed src/captioning/models/csrc/recurrence.cpp
+$(VENV)/.kernels: $(VENV)/.installed src/captioning/models/csrc/recurrence.cpp src/captioning/models/kernels.py
 	if $(PY) -m captioning.models.kernels; then echo built > $@; else echo "not built" > $@; fi
 
 install: $(VENV)/.installed $(VENV)/.kernels

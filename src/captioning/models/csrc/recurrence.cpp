@@ -34,6 +34,14 @@ struct Gemm {
     op.callBoxed(&stack);
     return stack[0].toTensor();
   }
+  // out = a @ b, out (M, N) contiguous (a slice of a buffer)
+  void mm_out(Tensor out, const Tensor& a, const Tensor& b) const {
+    if (use_onednn(a, b)) {
+      out.copy_(mm(a, b));
+    } else {
+      at::mm_out(out, a, b);
+    }
+  }
   // c + a @ b as a new tensor, c (M, N) contiguous
   Tensor addmm(const Tensor& c, const Tensor& a, const Tensor& b) const {
     if (!use_onednn(a, b) || !c.is_contiguous()) return at::addmm(c, a, b);
@@ -90,6 +98,8 @@ inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 inline float tanh_f32(float x) { return 2.0f * sigmoid_f32(2.0f * x) - 1.0f; }
 
 bool fusable(const Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
+// float32 rows of unit stride, the rows possibly further apart than their length (a narrowed buffer)
+bool fusable_rows(const Tensor& t) { return t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1; }
 
 // One row of the cell; restrict parameters (GCC honours restrict on parameters) let the loop vectorise.
 void cell_row(int64_t H, float* __restrict__ ai, float* __restrict__ af, float* __restrict__ ao,
@@ -124,15 +134,16 @@ void backward_row(int64_t H, const float* __restrict__ gi, const float* __restri
   }
 }
 
-// The cell of bptt._lstm_cell_forward in one pass over the elements (float32, contiguous rows).
+// The cell of bptt._lstm_cell_forward in one pass over the elements (float32, contiguous rows; h's rows may be
+// further apart: the attention loop writes them straight into its [h, attn] buffer).
 void cell_forward_f32(Tensor& a, const Tensor& c_prev, Tensor& c, Tensor& tanh_c, Tensor& h) {
-  const int64_t N = c.size(0), H = c.size(1);
+  const int64_t N = c.size(0), H = c.size(1), ld_h = h.stride(0);
   float* A = a.data_ptr<float>();
   const float* Cp = c_prev.data_ptr<float>();
   float *C = c.data_ptr<float>(), *Tc = tanh_c.data_ptr<float>(), *Hn = h.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
     float* a_n = A + n * 4 * H;
-    cell_row(H, a_n, a_n + H, a_n + 2 * H, a_n + 3 * H, Cp + n * H, C + n * H, Tc + n * H, Hn + n * H);
+    cell_row(H, a_n, a_n + H, a_n + 2 * H, a_n + 3 * H, Cp + n * H, C + n * H, Tc + n * H, Hn + n * ld_h);
   }
 }
 
@@ -153,7 +164,7 @@ void backward_step_f32(const Tensor& gates, const Tensor& c_prev, const Tensor& 
 
 // bptt._lstm_cell_forward (CPU branch): a (N, 4H) pre-activations -> gate activations in place; c, tanh_c, h
 void cell_forward(Tensor& a, const Tensor& c_prev, Tensor c, Tensor tanh_c, Tensor h) {
-  if (fusable(a) && fusable(c_prev) && fusable(c) && fusable(tanh_c) && fusable(h)) {
+  if (fusable(a) && fusable(c_prev) && fusable(c) && fusable(tanh_c) && fusable_rows(h)) {
     cell_forward_f32(a, c_prev, c, tanh_c, h);
     return;
   }
@@ -166,6 +177,70 @@ void cell_forward(Tensor& a, const Tensor& c_prev, Tensor c, Tensor tanh_c, Tens
   c.addcmul_(a.narrow(1, 0, H), g);
   tanh_into(c, tanh_c);
   at::mul_out(h, a.narrow(1, 2 * H, H), tanh_c);
+}
+
+// y += a x over n contiguous floats
+inline void axpy(int64_t n, float a, const float* __restrict__ x, float* __restrict__ y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// The attention of one step (float32; rnn.dot_product_attention): for every row, scores = h . A / sqrt(H) over the
+// P positions, w = softmax(scores), attn = A w. A_flat (N, H, P) and A_T (N, P, H) are the same map in the two
+// layouts, so that both sums run along contiguous memory: scores over A's rows, attn over A_T's.
+// hx (N, 2H): reads h from [0, H), writes attn into [H, 2H); w (N, P).
+void attend_f32(Tensor& hx, const Tensor& A_flat, const Tensor& A_T, double scale, Tensor& w) {
+  const int64_t N = A_flat.size(0), H = A_flat.size(1), P = A_flat.size(2), ld = hx.stride(0);
+  const float* A = A_flat.data_ptr<float>();
+  const float* At = A_T.data_ptr<float>();
+  float *X = hx.data_ptr<float>(), *W = w.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* h = X + n * ld;
+    float* attn = X + n * ld + H;
+    float* wn = W + n * P;
+    const float* A_n = A + n * H * P;
+    const float* At_n = At + n * P * H;
+    std::fill(wn, wn + P, 0.0f);
+    for (int64_t k = 0; k < H; ++k) axpy(P, h[k], A_n + k * P, wn);
+    float top = -INFINITY;
+    for (int64_t p = 0; p < P; ++p) top = std::max(top, wn[p] * s);
+    float total = 0.0f;
+    for (int64_t p = 0; p < P; ++p) total += (wn[p] = std::exp(wn[p] * s - top));
+    for (int64_t p = 0; p < P; ++p) wn[p] /= total;
+    std::fill(attn, attn + H, 0.0f);
+    for (int64_t p = 0; p < P; ++p) axpy(H, wn[p], At_n + p * H, attn);
+  }
+}
+
+// The attention's backward for one step (float32): dhx (N, 2H) holds the gradient of [h_{t-1}, attn_t];
+// dscores (N, P) gets the softmax's input gradient (before the 1/sqrt(H)); dh (N, H) = dh_out (the step's own
+// output gradient, or none at t = 0) + dhx's h half + scale * A dscores.
+void attend_backward_f32(const Tensor& dhx, const Tensor& A_flat, const Tensor& A_T, const Tensor& w, double scale,
+                         const Tensor* dh_out, Tensor& dscores, Tensor& dh, Tensor& scratch) {
+  const int64_t N = A_flat.size(0), H = A_flat.size(1), P = A_flat.size(2);
+  const float *A = A_flat.data_ptr<float>(), *At = A_T.data_ptr<float>(), *D = dhx.data_ptr<float>();
+  const float* Wt = w.data_ptr<float>();
+  const float* Do = dh_out ? dh_out->data_ptr<float>() : nullptr;
+  float *Ds = dscores.data_ptr<float>(), *Dh = dh.data_ptr<float>(), *tmp = scratch.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* dattn = D + n * 2 * H + H;
+    const float* dh_rec = D + n * 2 * H;
+    const float* wn = Wt + n * P;
+    float* dw = Ds + n * P;
+    const float* A_n = A + n * H * P;
+    const float* At_n = At + n * P * H;
+    std::fill(dw, dw + P, 0.0f);
+    for (int64_t k = 0; k < H; ++k) axpy(P, dattn[k], A_n + k * P, dw);
+    float dot = 0.0f;
+    for (int64_t p = 0; p < P; ++p) dot += dw[p] * wn[p];
+    for (int64_t p = 0; p < P; ++p) dw[p] = (dw[p] - dot) * wn[p];
+    std::fill(tmp, tmp + H, 0.0f);
+    for (int64_t p = 0; p < P; ++p) axpy(H, dw[p], At_n + p * H, tmp);
+    float* dh_n = Dh + n * H;
+    const float* do_n = Do ? Do + n * H : nullptr;
+    for (int64_t k = 0; k < H; ++k) dh_n[k] = (do_n ? do_n[k] + dh_rec[k] : dh_rec[k]) + s * tmp[k];
+  }
 }
 
 // bptt._LSTMBackwardStep: writes da (N, 4H) from the step's activations; dc becomes the gradient reaching c_{t-1}
@@ -272,9 +347,18 @@ std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_f
   auto h0 = A_flat.mean(2);
   hx[0].narrow(1, 0, H).copy_(h0);
   cs[0].copy_(h0);
-  auto A_T = A_flat.transpose(1, 2);
+  const bool fused = fusable(A_flat) && fusable(hx);
+  auto A_T = fused ? A_flat.transpose(1, 2).contiguous() : A_flat.transpose(1, 2);
   std::vector<Tensor> gates;
   for (int64_t t = 0; t < T; ++t) {
+    if (fused) {
+      auto hx_t = hx[t], w = weights[t];
+      attend_f32(hx_t, A_flat, A_T, scale, w);
+      auto a = gemm.addmm(xw[t], hx_t, W_ha);
+      cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hx[t + 1].narrow(1, 0, H));
+      gates.push_back(a);
+      continue;
+    }
     auto h = hx[t].narrow(1, 0, H), attn = hx[t].narrow(1, H, H);
     auto scores = at::bmm(h.unsqueeze(1), A_flat).squeeze(1).mul_(scale);
     auto w = weights[t];
@@ -308,11 +392,20 @@ std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x
   auto dscores = at::empty_like(weights);
   auto dh = dh_tm[T - 1].clone();
   auto dc = at::zeros_like(dh);
-  auto A_T = A_flat.transpose(1, 2);
+  const bool fused = fusable(A_flat) && fusable(weights) && fusable(dh_tm) && dh.scalar_type() == at::kFloat;
+  auto A_T = fused ? A_flat.transpose(1, 2).contiguous() : A_flat.transpose(1, 2);
+  auto scratch = fused ? at::empty({H}, dh.options()) : Tensor();
   for (int64_t t = T - 1; t >= 0; --t) {
     step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t]);
     auto dhx_t = dhx[t];
-    dhx_t.copy_(gemm.mm(da[t], W_haT));
+    gemm.mm_out(dhx_t, da[t], W_haT);
+    if (fused) {
+      auto dscores_t = dscores[t];
+      Tensor dh_out;
+      if (t) dh_out = dh_tm[t - 1];
+      attend_backward_f32(dhx_t, A_flat, A_T, weights[t], scale, t ? &dh_out : nullptr, dscores_t, dh, scratch);
+      continue;
+    }
     auto w = weights[t];
     auto dw = at::bmm(dhx_t.narrow(1, H, H).unsqueeze(1), A_flat).squeeze(1);
     dw.sub_((dw * w).sum(1, true)).mul_(w);
