@@ -134,3 +134,16 @@ def test_a_build_that_does_not_load_is_a_warning_naming_it_and_the_python_loops_
     assert str(folder) in message and "python -m captioning.models.kernels" in message
     x, h0, Wx, Wh, b = _inputs("lstm", torch.float64)
     assert bptt.lstm_forward_manual(x, h0, Wx, Wh, b).shape == (N, T, H)
+
+
+def test_bfloat16_products_leave_onednn_where_the_cpu_has_no_bf16_linear(monkeypatch):
+    # oneDNN builds no bf16 linear on AVX2-only CPUs ("could not create a primitive descriptor"): there the products
+    # go to torch's own kernels, in the Python loops and in the compiled ones alike
+    from captioning.models import gemm
+
+    monkeypatch.setattr(gemm, "_BF16", False)
+    assert not gemm.onednn_dtype(torch.bfloat16) and gemm.onednn_dtype(torch.float32)
+    assert not bptt._onednn(torch.zeros(2, dtype=torch.bfloat16))
+    a, b = torch.randn(64, 512), torch.randn(512, 256)
+    expected = (a.bfloat16().float() @ b.bfloat16().float())
+    torch.testing.assert_close(gemm.mm(a.bfloat16(), b.bfloat16()).float(), expected, rtol=0.02, atol=0.5)

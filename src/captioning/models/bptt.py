@@ -94,7 +94,7 @@ def _compiled(t: Tensor):
 
 def _onednn(t: Tensor) -> bool:
     """Whether the compiled loop's products go to oneDNN, as gemm.py's would for this tensor."""
-    return gemm.onednn_available() and t.dtype in (torch.float32, torch.bfloat16)
+    return gemm.onednn_available() and gemm.onednn_dtype(t.dtype)
 
 
 def _time_major(x: Tensor) -> Tensor:

@@ -26,16 +26,37 @@ try:
 except (AttributeError, RuntimeError):  # a torch without oneDNN
     _LINEAR = None
 
-_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def onednn_available() -> bool:
     return _LINEAR is not None and torch.backends.mkldnn.is_available() and os.environ.get("CAPTIONING_GEMM") != "torch"
 
 
+def onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear takes this dtype here: float32 always, bfloat16 only on CPUs with its instructions
+    (AVX-512 / AMX; on an AVX2-only CPU oneDNN has no bf16 linear and refuses to build one)."""
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and _bf16_supported()
+
+
+def _bf16_supported() -> bool:
+    global _BF16
+    if _BF16 is None:
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            _BF16 = bool(probe()) if probe is not None else False
+        except RuntimeError:
+            _BF16 = False
+    return _BF16
+
+
+_BF16: bool | None = None
+
+
 def _onednn(*tensors: Tensor) -> bool:
     first = tensors[0]
-    return (first.device.type == "cpu" and first.dtype in _DTYPES and onednn_available()
+    return (first.device.type == "cpu" and onednn_available() and onednn_dtype(first.dtype)
             and all(t.dtype == first.dtype and t.dim() == 2 for t in tensors))
 
 
