@@ -145,3 +145,19 @@ def test_the_datamodule_augments_training_batches_only(shapes):
     kept = shapes.on_after_batch_transfer(dict(batch), 0)
     assert torch.equal(kept["images"], images) and torch.equal(kept["captions"], captions)
     shapes.trainer = None
+
+
+def test_the_warp_samples_where_affine_grid_says():
+    # the sampling grid is written out as broadcast products (a batched matmul with an inner size of 3 is slow on a
+    # CPU): it must be the grid torch's affine_grid makes from the same warps
+    augment = CaptionAugment(flip=0.5, translate=0.1, scale=[0.8, 1.2], rotate=15.0)
+    images = torch.randn(6, 3, 16, 24)
+    flipped = torch.tensor([True, False, True, False, False, True])
+    torch.manual_seed(0)
+    warped = augment._warp(images, flipped)
+    torch.manual_seed(0)
+    theta = augment.affine(flipped, torch.rand(6, 4))
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    expected = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                                               align_corners=False)
+    torch.testing.assert_close(warped, expected, rtol=0, atol=1e-4)

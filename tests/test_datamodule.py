@@ -507,6 +507,14 @@ def test_images_held_in_memory_are_the_files_tensors(coco_root, augment):
     for k in range(len(held.datasets["train"])):
         assert torch.equal(held.datasets["train"][k]["image"], read.datasets["train"][k]["image"])
     assert held.train_dataloader().num_workers == 0 and read.train_dataloader().num_workers == 2
+    # a batch asked for at once (the DataLoader's __getitems__: images finished as one tensor) is the same samples
+    for role in ("train", "val"):
+        indices = list(range(len(held.datasets[role])))[::-1]
+        together = held.datasets[role].__getitems__(indices)
+        for k, sample in zip(indices, together, strict=True):
+            one = read.datasets[role][k]
+            assert sample.keys() == one.keys() and torch.equal(sample["image"], one["image"])
+            assert sample["image_id"] == one["image_id"]
     # the file is not read again
     (root / f"val{year}" / _file_name("val", year, 11)).unlink()
     ids = [i for batch in held.val_dataloader() for i in batch["image_ids"].tolist()]

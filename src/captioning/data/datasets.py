@@ -129,6 +129,21 @@ class ImageSource:
             return image
         return {"image": self.pipeline(image)}
 
+    def many(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor] | BadImage]:
+        """``[self(i) for i in indices]``; images held in memory are finished (scaled and normalised) as one batch:
+        a handful of ops per batch instead of per image (~10% of a small model's training step)."""
+        if self.decoded is None:
+            return [self(i) for i in indices]
+        held = [self.decoded[i] for i in indices]
+        good = [k for k, image in enumerate(held) if image is not None]
+        samples: list[dict[str, torch.Tensor] | BadImage] = [
+            BadImage(str(self.paths[i]), "unreadable (see the earlier warning)") for i in indices]
+        if good:
+            finished = self.pipeline.finish(torch.stack([held[k] for k in good]))
+            for k, image in zip(good, finished.unbind(0), strict=True):
+                samples[k] = {"image": image}
+        return samples
+
 
 def decoded_megabytes(source: ImageSource, sample: int = 8) -> float:
     """What holding every image of ``source`` decoded would take, in MB, estimated from a few of them."""
@@ -202,17 +217,28 @@ class CaptionPairDataset(Dataset):
         return torch.from_numpy(self.captions[index, : self.lengths[index]].copy())
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any] | BadImage]:
+        """The samples of a batch (the DataLoader asks for them together): the images of a source that can
+        (:meth:`ImageSource.many`) are prepared as one batch."""
         if self.captions_per_image == 1:
-            i, captions = int(self.image_index[index]), None
+            images = [int(self.image_index[index]) for index in indices]
         else:
-            start, end = self.group_bounds[index]
-            i, captions = int(self.image_index[start]), [self._caption(j) for j in range(start, end)]
-        sample = self.source(i)
-        if isinstance(sample, BadImage):
-            return sample
-        if captions is not None:
-            return {**sample, "captions": captions, "image_id": int(self.split.image_ids[i])}
-        return {**sample, "caption": self._caption(index), "image_id": int(self.split.image_ids[i])}
+            images = [int(self.image_index[self.group_bounds[index][0]]) for index in indices]
+        many = getattr(self.source, "many", None)
+        pixels = many(images) if many is not None else [self.source(i) for i in images]
+        samples: list[dict[str, Any] | BadImage] = []
+        for index, i, sample in zip(indices, images, pixels, strict=True):
+            if isinstance(sample, BadImage):
+                samples.append(sample)
+            elif self.captions_per_image == 1:
+                samples.append({**sample, "caption": self._caption(index), "image_id": int(self.split.image_ids[i])})
+            else:
+                start, end = self.group_bounds[index]
+                samples.append({**sample, "captions": [self._caption(j) for j in range(start, end)],
+                                "image_id": int(self.split.image_ids[i])})
+        return samples
 
 
 class CaptionedImageDataset(Dataset):
@@ -229,15 +255,17 @@ class CaptionedImageDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
-        sample = self.source(index)
-        if isinstance(sample, BadImage):
-            return sample
-        return {
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any] | BadImage]:
+        many = getattr(self.source, "many", None)
+        pixels = many(list(indices)) if many is not None else [self.source(i) for i in indices]
+        return [sample if isinstance(sample, BadImage) else {
             **sample,
             "caption": torch.tensor(self.first_captions[index], dtype=torch.long),
             "image_id": int(self.split.image_ids[index]),
             "references": list(self.split.references[index]),
-        }
+        } for index, sample in zip(indices, pixels, strict=True)]
 
 
 def collate_captions(samples: Sequence[dict[str, Any] | BadImage | None]) -> dict[str, Any]:

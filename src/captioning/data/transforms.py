@@ -71,7 +71,7 @@ class ImagePipeline:
         return F.pil_to_tensor(resize(image, self.contract))
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, S, S) -> float32 in [0, 1], normalised with the contract's mean and std."""
+        """uint8 (..., 3, S, S) -> float32 in [0, 1], normalised with the contract's mean and std (one image or a batch)."""
         return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), self._mean, self._std)
 
     def __call__(self, image: str | Path | Image.Image | torch.Tensor) -> torch.Tensor:
@@ -189,8 +189,12 @@ class CaptionAugment:
     def _warp(self, images: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
         theta = self.affine(flipped, torch.rand(n, 4, device=images.device)).to(images.dtype)
-        # affine_grid's sampling positions as one batched product: [x, y, 1] of every output pixel @ theta^T
-        grid = torch.bmm(_base_grid(h, w, images.device, images.dtype).expand(n, -1, -1), theta.transpose(1, 2))
+        # affine_grid's sampling positions, theta [x, y, 1] for every output pixel, written out as broadcast
+        # products: a batched matmul with an inner size of 3 costs ~20x more on a CPU (6 ms at 64 x 64 x 64 px)
+        base = _base_grid(h, w, images.device, images.dtype)  # (1, h*w, 3)
+        x, y = base[..., 0:1], base[..., 1:2]  # (1, h*w, 1)
+        rows = theta.unsqueeze(1)  # (N, 1, 2, 3): row r gives output coordinate r
+        grid = torch.addcmul(torch.addcmul(rows[..., 2], x, rows[..., 0]), y, rows[..., 1])  # (N, h*w, 2)
         grid = grid.view(n, h, w, 2)
         return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                                                align_corners=False)
