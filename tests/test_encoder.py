@@ -43,6 +43,17 @@ def test_small_cnn_map_shape_and_out_dim() -> None:
     assert encoder(torch.rand(2, 3, 96, 96)).shape == (2, 48, 6, 6)
 
 
+def test_small_cnn_depth_per_block() -> None:
+    # one convolution in the first block, two in the others: 1 + 2 + 2 + 2 conv-bn-relu, then the 1x1 head
+    encoder = SmallCNN(out_dim=16, channels=(8, 8, 8, 8), depth=[1, 2, 2, 2])
+    convs = [m for m in encoder.blocks.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 8 and [c.stride[0] for c in convs[:3]] == [2, 2, 1]
+    assert encoder(torch.rand(2, 3, 64, 64)).shape == (2, 16, 4, 4)
+    assert len([m for m in SmallCNN(channels=(8, 8), depth=3).blocks.modules() if isinstance(m, torch.nn.Conv2d)]) == 7
+    with pytest.raises(ValueError, match="one per block"):
+        SmallCNN(channels=(8, 8, 8), depth=[2, 2])
+
+
 def test_small_cnn_gradients_reach_every_parameter() -> None:
     encoder = SmallCNN(out_dim=16, channels=(8, 8, 8, 8))
     encoder(torch.rand(2, 3, 64, 64)).square().sum().backward()

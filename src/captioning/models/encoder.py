@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -67,7 +68,7 @@ class SmallCNN(nn.Module):
         channels: tuple[int, ...] | list[int] = (16, 32, 64, 128),
         batch_norm: bool = True,
         coordinates: bool = True,
-        depth: int = 2,
+        depth: int | tuple[int, ...] | list[int] = 2,
         pathways: bool | str = False,
         color_dim: int | None = None,
     ) -> None:
@@ -78,14 +79,16 @@ class SmallCNN(nn.Module):
         if not isinstance(pathways, bool):
             raise ValueError(f"encoder.pathways={pathways!r} is not true, false or auto.")
         channels = tuple(int(c) for c in channels)
-        if out_dim <= 0 or not channels or min(channels) <= 0 or depth < 1:
+        per_block = isinstance(depth, Sequence) and not isinstance(depth, str)
+        depths = tuple(int(d) for d in depth) if per_block else (int(depth),) * len(channels)
+        if out_dim <= 0 or not channels or min(channels) <= 0 or len(depths) != len(channels) or min(depths) < 1:
             raise ValueError(
-                f"SmallCNN needs a positive out_dim, at least one positive channel count and depth >= 1; got "
-                f"out_dim={out_dim}, channels={channels}, depth={depth}."
+                f"SmallCNN needs a positive out_dim, at least one positive channel count and depth >= 1 (one number, "
+                f"or one per block of channels); got out_dim={out_dim}, channels={channels}, depth={depth}."
             )
         self.out_dim = int(out_dim)
         self.coordinates = coordinates
-        self.depth = int(depth)
+        self.depth = depths if per_block else depths[0]
         self.downsampling = 2 ** len(channels)
         self.input_size = None  # trained from scratch: any size divisible by downsampling (data.image_size=auto)
 
@@ -96,10 +99,10 @@ class SmallCNN(nn.Module):
         self.color_dim = int(color_dim) if self.pathways else 0
         in_dims = ((1 if self.pathways else 3) + (2 if coordinates else 0), *channels[:-1])
         blocks = []
-        for c_in, c_out in zip(in_dims, channels, strict=True):
+        for c_in, c_out, block_depth in zip(in_dims, channels, depths, strict=True):
             # the strided convolution halves the resolution, then depth - 1 more at the new one
             blocks.append(_conv_bn_relu(c_in, c_out, 3, 2, batch_norm))
-            blocks += [_conv_bn_relu(c_out, c_out, 3, 1, batch_norm) for _ in range(self.depth - 1)]
+            blocks += [_conv_bn_relu(c_out, c_out, 3, 1, batch_norm) for _ in range(block_depth - 1)]
         blocks.append(_conv_bn_relu(channels[-1], self.out_dim - self.color_dim, 1, 1, batch_norm))
         self.blocks = nn.Sequential(*blocks)
         if self.pathways:
