@@ -146,15 +146,16 @@ def test_trainer_config_lists_lightnings_arguments_with_lightnings_defaults(tmp_
 
 
 def test_scst_carries_the_optimisation_it_needs(tmp_path):
-    """objective=scst alone fine-tunes at SCST's learning rate for one epoch (the cross-entropy rate, 2e-3, buys
-    CIDEr-D with false objects); both stay overridable; cross-entropy keeps its own."""
+    """objective=scst alone fine-tunes at SCST's constant learning rate for one epoch (the cross-entropy rate buys
+    CIDEr-D with false objects); both stay overridable; cross-entropy keeps its own one-cycle schedule."""
     scst = compose_train(tmp_path, ["objective=scst"])
-    assert scst.optimizer.lr == 5e-5 and scst.trainer.max_epochs == 1 and scst.scheduler.T_max == 1
+    assert scst.optimizer.lr == 5e-5 and scst.trainer.max_epochs == 1 and scst.scheduler is None
     assert scst.module.objective._target_ == "captioning.objectives.SelfCritical"
     mine = compose_train(tmp_path, ["objective=scst", "optimizer.lr=1e-4", "trainer.max_epochs=3"])
     assert mine.optimizer.lr == 1e-4 and mine.trainer.max_epochs == 3
     xe = compose_train(tmp_path)
-    assert xe.optimizer.lr == 2e-3 and xe.trainer.max_epochs == 10
+    assert xe.optimizer.lr == 3e-3 and xe.trainer.max_epochs == 4
+    assert xe.scheduler._target_ == "captioning.schedules.OneCycleLR" and xe.module.scheduler_interval == "step"
 
 
 @pytest.mark.parametrize(("model", "pathways"), [("attention", True), ("lstm", False), ("rnn", False)])

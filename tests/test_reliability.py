@@ -355,9 +355,9 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_loss_curve(t
 
 @pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_loss_curve(tmp_path):
-    # the cosine schedule is fixed when a run starts (T_max follows trainer.max_epochs): all three runs plan
-    # for 2 epochs, as a run that was interrupted after its first would have
-    options = ["test=false", "trainer.log_every_n_steps=1", "callbacks.report=null", "scheduler.T_max=2"]
+    # the schedule is fixed when a run starts (its length follows trainer.max_epochs): all three runs plan
+    # for 2 epochs (40 steps), as a run that was interrupted after its first would have
+    options = ["test=false", "trainer.log_every_n_steps=1", "callbacks.report=null", "+scheduler.total_steps=40"]
     train(tiny(tmp_path / "straight", "trainer.max_epochs=2", *options))
     train(tiny(tmp_path / "split", "trainer.max_epochs=1", *options))
     train(tiny(tmp_path / "split", "trainer.max_epochs=2", "ckpt_path=last", *options))

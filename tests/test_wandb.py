@@ -40,7 +40,7 @@ def test_offline_run_holds_config_metrics_tables_and_summary(tmp_path):
     assert run.summary["output_dir"] == str(output_dir)
     assert run.config["model"]["cell_type"] == "attention" and run.config["model"]["hidden_dim"] == 32
     assert run.config["trainer"]["max_epochs"] == 2 and run.config["data"]["num_train"] == 32
-    assert run.config["optimizer"]["lr"] == 0.002 and "model=attention" in run.config["overrides"]
+    assert run.config["optimizer"]["lr"] == 0.003 and "model=attention" in run.config["overrides"]
     assert "vocab" not in run.config
 
     # validation metrics, once per epoch, equal to what metrics.json reports

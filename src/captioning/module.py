@@ -22,6 +22,7 @@ from .models import CaptioningRNN
 from .models.decoding import CaptionDecoder, Decoded, Ensemble
 from .objectives import Objective
 from .runtime import ImageContract
+from .schedules import fill_run_arguments
 
 __all__ = ["CaptioningModule", "NonFiniteLossError", "load_checkpoint", "load_ensemble"]
 
@@ -85,7 +86,7 @@ class CaptioningModule(L.LightningModule):
         decoder: Mapping[str, Any],
         optimizer: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
-        scheduler_interval: str = "epoch",
+        scheduler_interval: str = "step",
         scheduler_monitor: str = "val/loss",
         encoder_lr: float | None = None,
         decoding: Mapping[str, Any] | None = None,
@@ -438,7 +439,9 @@ class CaptioningModule(L.LightningModule):
         optimizer = instantiate(self.hparams.optimizer)(groups)
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        # a per-step schedule that needs the run's length or peak rate (OneCycleLR) gets them from the run
+        scheduler = fill_run_arguments(instantiate(self.hparams.scheduler), optimizer,
+                                       self.trainer.estimated_stepping_batches if self._trainer is not None else None)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
