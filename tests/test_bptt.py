@@ -223,6 +223,34 @@ def test_the_step_without_gradients_is_the_course_step_fused(cell_type):
     assert not torch.allclose(updated[0], fused[0])
 
 
+@pytest.mark.parametrize("cell_type", ["lstm", "attention"])
+def test_every_decoding_sees_weights_a_fused_optimizer_changed(cell_type):
+    # AdamW(fused=True) writes the weights without bumping their version counters: the stacked copy of the fused
+    # steps is made afresh at every decoding's start (init_state), or validation would decode with old weights
+    torch.manual_seed(0)
+    decoder = CaptioningRNN(12, 6, wordvec_dim=5, hidden_dim=8, cell_type=cell_type)
+    features = torch.randn(3, 6, 2, 2) if cell_type == "attention" else torch.randn(3, 6)
+    words = torch.tensor([1, 4, 5])
+
+    def first_scores():
+        with torch.no_grad():
+            return decoder.step(words, decoder.init_state(features))[0]
+
+    before = first_scores()
+    captions = torch.randint(4, 12, (3, 5))
+    captions[:, 0] = 1
+    decoder(features, captions).backward()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=0.1, fused=True)
+    versions = [p._version for p in decoder.parameters()]
+    optimizer.step()
+    assert [p._version for p in decoder.parameters()] == versions  # what the counters cannot tell
+    after = first_scores()
+    with torch.enable_grad():  # the course's step functions: no stacked copy
+        expected = decoder.step(words, decoder.init_state(features))[0].detach()
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
 def _recorded_sampling(decoder, features, length=7, seed=0):
     """Sample with the attention core's fused steps recorded; -> (captions (N, T), the state with gradients and
     the T recorded steps)."""

@@ -149,7 +149,9 @@ class CaptioningRNN(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # Training
     def init_state(self, features: Tensor) -> DecoderState:
-        """features (N, D) or (N, D, h, w) -> the state before the first word."""
+        """features (N, D) or (N, D, h, w) -> the state before the first word (a decoding starts here, so the core's
+        fused steps stack the weights afresh: ``forget_stacked``)."""
+        self.core.forget_stacked()
         if self.cell_type == "attention":
             if features.dim() != 4:
                 raise ValueError(

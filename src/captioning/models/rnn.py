@@ -208,7 +208,8 @@ class _Recurrent(nn.Module):
 
     def stacked_weights(self, *weights: Tensor) -> Tensor:
         """The weights stacked row-wise, e.g. [Wx; Wh] (D + H, G), in the dtype the step computes in (autocast's
-        when on); kept until a weight changes (the optimizer's in-place updates bump the version counters)."""
+        when on); kept for the steps of one decoding (:meth:`forget_stacked`) while the weights' version counters
+        and storage stay the same."""
         device_type = weights[0].device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weights[0].dtype
         key = (dtype, torch.is_inference_mode_enabled(), *((w._version, w.data_ptr()) for w in weights))
@@ -218,6 +219,12 @@ class _Recurrent(nn.Module):
                 cached = (key, torch.cat(weights, dim=0).to(dtype))
             self.__dict__["_stacked"] = cached
         return cached[1]
+
+    def forget_stacked(self) -> None:
+        """Drop the stacked copy: the next step stacks the weights as they are then. Every decoding starts with this
+        (``CaptioningRNN.init_state``): a fused optimizer (``AdamW(fused=True)``) updates the weights in place
+        without bumping their version counters, so between two decodings the counters cannot tell."""
+        self.__dict__.pop("_stacked", None)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
