@@ -154,7 +154,7 @@ def test_scst_carries_the_optimisation_it_needs(tmp_path):
     mine = compose_train(tmp_path, ["objective=scst", "optimizer.lr=1e-4", "trainer.max_epochs=3"])
     assert mine.optimizer.lr == 1e-4 and mine.trainer.max_epochs == 3
     xe = compose_train(tmp_path)
-    assert xe.optimizer.lr == 3e-3 and xe.trainer.max_epochs == 4
+    assert xe.optimizer.lr == 3e-3 and xe.trainer.max_epochs == 10
     assert xe.scheduler._target_ == "captioning.schedules.OneCycleLR" and xe.module.scheduler_interval == "step"
 
 
