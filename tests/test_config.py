@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -287,3 +288,31 @@ def test_precision_auto_on_a_gpu_asks_for_native_bf16_only(monkeypatch):
                             lambda including_emulation=True, n=native: asked.append(including_emulation) or n)
         assert utils.resolve_precision("auto", "gpu") == ("bf16-mixed" if native else "32-true")
     assert asked == [False, False]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_fused_optimizer_is_clipped_where_nothing_scales_gradients(tmp_path, precision):
+    # Lightning refuses to clip for an optimizer that can unscale gradients itself (the default fused AdamW) under
+    # any mixed precision; under bf16-mixed (precision=auto on bf16 hardware) the module clips the true gradients
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    cfg = compose_train(tmp_path, ["model.hidden_dim=8", "model.wordvec_dim=4"])
+    module = instantiate(cfg.module, _recursive_=False)
+    module._build_decoder(["<NULL>", "<START>", "<END>", "<UNK>", "a", "star"])
+    plugin = Precision() if precision == "32-true" else MixedPrecision("bf16-mixed", "cpu")
+    module._trainer = SimpleNamespace(precision_plugin=plugin, estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] and optimizer._step_supports_amp_scaling
+    for param in module.parameters():
+        param.grad = torch.full_like(param, 3.0)
+    module.configure_gradient_clipping(optimizer, 5.0, "norm")
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters()])) == pytest.approx(5.0, rel=1e-4)
+    module.configure_gradient_clipping(optimizer, 0.5, "value")
+    assert max(float(p.grad.abs().max()) for p in module.parameters()) <= 0.5
+    # 16-mixed scales gradients: there Lightning's own refusal (and its hint: optimizer.fused=false) stands
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu")),
+                                      gradient_clip_val=5.0, gradient_clip_algorithm="norm")
+    with pytest.raises(RuntimeError, match="fused"):
+        module.configure_gradient_clipping(optimizer, 5.0, "norm")

@@ -413,6 +413,22 @@ class CaptioningModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except that an optimizer able to unscale gradients itself (fused AdamW, the default)
+        is clipped here where nothing scales them: Lightning refuses it under every mixed precision, though only
+        16-mixed's GradScaler scales gradients — under bf16-mixed (``precision=auto`` on bf16 hardware) and 32-true
+        they are the true ones, and clipping them before the step is what the Trainer would do."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _encoder_groups(self) -> list[dict[str, Any]]:
         """The trainable encoder's parameter groups: one at ``encoder_lr`` (None: the optimizer's), or with the
         encoder's layer-wise decay (``lr_scales``) one per depth, at that rate times the depth's factor."""
