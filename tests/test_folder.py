@@ -5,10 +5,12 @@ eval.py on a set with no training split."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 from folderfiles import FOLDER_LAYOUTS, HF_LAYOUTS, write_folder, write_hf
 
@@ -149,6 +151,67 @@ def test_every_hugging_face_layout_reads(tmp_path, layout):
     assert next(iter(again.train_dataloader()))["images"].shape[1:] == (3, 32, 32)
 
 
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet_hub"])
+def test_hugging_face_images_are_read_where_the_dataset_keeps_them(tmp_path, layout):
+    import datasets
+    from PIL import Image
+
+    from captioning.data.annotations import missing_images
+    from captioning.data.arrow_rows import arrow_file
+    from captioning.data.images import load_image
+
+    write_hf(tmp_path / "d", layout)
+    dm = hf(tmp_path / "d", **({"caption_column": "text"} if layout == "parquet_hub" else {}))
+    read_all(dm)
+    train = dm._load_split("train")
+    assert sorted(p.name for p in (tmp_path / "d" / "images").iterdir()) == [".lock", "manifest.json"]  # nothing copied
+    first = str(train.image_paths[0])
+    assert first.endswith(".arrow#image=0") and os.path.isfile(arrow_file(first))
+    # the pixels of a row are those of the dataset's own image in that row (rows of one caption each for parquet_hub)
+    rows = datasets.Dataset.from_file(arrow_file(first)).cast_column("image", datasets.Image(decode=False))
+    for path in train.image_paths[[0, 3, -1]]:
+        row = int(str(path).rsplit("=", 1)[1])
+        with Image.open(io.BytesIO(rows[row]["image"]["bytes"])) as expected:
+            assert np.array_equal(np.asarray(load_image(str(path))), np.asarray(expected.convert("RGB")))
+    assert not missing_images(train.image_paths)
+    assert next(iter(dm.train_dataloader()))["images"].shape[1:] == (3, 32, 32)
+    # the Arrow file gone: every row of it is missing, and a read names the file
+    moved = arrow_file(first) + ".moved"
+    os.replace(arrow_file(first), moved)
+    assert missing_images(train.image_paths) == [str(p) for p in train.image_paths]
+    with pytest.raises(FileNotFoundError, match=r"the Arrow file .*\.arrow is gone"):
+        load_image(first)
+    os.replace(moved, arrow_file(first))
+    with pytest.raises(ValueError, match=r"row 100000 is past the end of"):
+        load_image(first.replace("=0", "=100000"))
+
+
+def test_a_hugging_face_dataset_held_in_memory_has_its_images_written_once(tmp_path, monkeypatch):
+    import datasets
+
+    from captioning.data import hf as hf_module
+
+    write_hf(tmp_path / "d", "save_to_disk")
+    on_disk = datasets.load_from_disk(str(tmp_path / "d"))
+    in_memory = {name: datasets.Dataset.from_dict(ds.to_dict(), features=ds.features) for name, ds in on_disk.items()}
+    assert not in_memory["train"].cache_files
+    monkeypatch.setattr(hf_module, "load_hf_dataset", lambda path: in_memory)
+    dm = hf(tmp_path / "d")
+    splits, _ = read_all(dm)
+    written = sorted((tmp_path / "d" / "images" / "train").iterdir())
+    assert len(written) == 24 and all(p.suffix == ".png" for p in written)
+    assert sorted(map(str, dm._load_split("train").image_paths)) == sorted(map(str, written))
+    assert next(iter(dm.train_dataloader()))["images"].shape[1:] == (3, 32, 32)
+
+
+def test_a_file_name_that_looks_like_an_arrow_row_is_a_file(tmp_path):
+    from captioning.data.arrow_rows import arrow_file, image_source
+
+    plain = tmp_path / "photo#1.jpg"
+    assert arrow_file(str(plain)) == str(plain) and image_source(str(plain)) == str(plain)
+    assert arrow_file(f"{tmp_path}/x.arrow#image=7") == f"{tmp_path}/x.arrow"
+
+
 def test_hugging_face_problems_are_named(tmp_path):
     import datasets
 
@@ -214,6 +277,12 @@ def test_train_eval_caption_on_a_hugging_face_dataset(tmp_path):
     eval_dir = tmp_path / "eval"
     run_entry_point("eval.py", [f"ckpt_path={ckpt}", "split=test", f"hydra.run.dir={eval_dir}", "official=false"])
     assert json.loads((eval_dir / "metrics.json").read_text())["num_images"] == 4
-    run_entry_point("caption.py", [f"ckpt_path={ckpt}", f"images={path / 'images' / 'test'}",
-                                   f"hydra.run.dir={tmp_path / 'c'}"])
+    import datasets  # the images of the test split as a user's own photos: the set keeps them in its Arrow files
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    test = datasets.load_dataset(str(path), split="test").cast_column("image", datasets.Image(decode=False))
+    for k, data in enumerate(dict.fromkeys(cell["bytes"] for cell in test["image"])):
+        (photos / f"{k}.png").write_bytes(data)
+    run_entry_point("caption.py", [f"ckpt_path={ckpt}", f"images={photos}", f"hydra.run.dir={tmp_path / 'c'}"])
     assert len(json.loads((tmp_path / "c" / "captions.json").read_text())) == 4

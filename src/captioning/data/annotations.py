@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from captioning.data.arrow_rows import arrow_file
 from captioning.data.vocab import Vocabulary
 from captioning.io import read_json
 
@@ -257,10 +258,14 @@ def load_instance_categories(path: Path, image_ids: Sequence[int] | None = None)
 def missing_images(paths: Sequence[str] | np.ndarray) -> list[str]:
     """The paths that do not exist, found with one directory listing per folder (fast on COCO's 123k)."""
     by_folder: dict[str, list[str]] = defaultdict(list)
-    for path in paths:
-        folder, name = os.path.split(str(path))
+    in_arrow: dict[str, list[str]] = defaultdict(list)  # rows of a dataset's Arrow files: there while the file is
+    for path in map(str, paths):
+        if "#" in path and (file := arrow_file(path)) != path:
+            in_arrow[file].append(path)
+            continue
+        folder, name = os.path.split(path)
         by_folder[folder].append(name)
-    missing = []
+    missing = [path for file, rows in in_arrow.items() if not os.path.isfile(file) for path in rows]
     for folder, names in by_folder.items():
         try:
             present = set(os.listdir(folder or "."))

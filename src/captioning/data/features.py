@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from captioning.data.arrow_rows import arrow_file
 from captioning.data.images import BadImage
 from captioning.data.locking import file_lock
 from captioning.io import read_json, write_json
@@ -296,7 +297,7 @@ def encoder_is_frozen(encoder: nn.Module) -> bool:
 
 def _file_signature(path: str) -> str:
     try:
-        stat = os.stat(path)
+        stat = os.stat(arrow_file(path))  # a row of a dataset's Arrow file: that file's
     except OSError:
         return "-"
     return f"{stat.st_size}:{stat.st_mtime_ns}"

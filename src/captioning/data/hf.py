@@ -14,12 +14,16 @@ as for ``data=folder``.
 of columns (``[caption_0, caption_1, ...]``). Rows of the same image — one caption per row — are one image with
 several captions: rows with the same ``data.id_column`` value, or without one, the same image bytes (or path).
 
-The image bytes are written once, as they are (not re-encoded), into ``data.image_dir`` (default ``images/`` beside
-the dataset, or under ``~/.cache/captioning`` when that is read-only) with a manifest of the rows read, keyed by the
-dataset's fingerprints: from then on the images are files like any data set's — decoded by the same
-``ImagePipeline``, with the feature cache, the in-memory cache and the bad-image log — and a second start reads the
-manifest instead of the dataset. It costs the images' size once on disk. Rows without an image are named and
-counted, empty captions dropped with a warning, unreadable images skipped at load time (``data.on_bad_image``).
+The images stay where the dataset keeps them: each is named by its row in the dataset's own memory-mapped Arrow
+files (``<file.arrow>#<column>=<row>``, :mod:`captioning.data.arrow_rows`: the ``save_to_disk`` folder's, or those of
+the ``datasets`` cache that ``load_dataset`` converts parquet into), read as they are (not re-encoded) and decoded
+by the same ``ImagePipeline``, with the feature cache, the in-memory cache and the bad-image log, like any data
+set's files. Nothing is copied: at COCO size, writing 123k files out cost more than the rest of a first start.
+A manifest of the rows read, keyed by the dataset's fingerprints and files, is kept in ``data.image_dir`` (default
+``images/`` beside the dataset, or under ``~/.cache/captioning`` when that is read-only), so a second start reads
+it instead of the dataset; a dataset whose rows are not simply its files' rows (held in memory) has its images
+written there once instead. Rows without an image are named and counted, empty captions dropped with a warning,
+unreadable images skipped at load time (``data.on_bad_image``).
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from bisect import bisect_right
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from captioning.data.annotations import CaptionSplit
+from captioning.data.arrow_rows import arrow_row_name
 from captioning.data.locking import file_lock
 from captioning.data.records import CaptionTable, CaptionTableDataModule, role_of, split_images
 from captioning.io import read_json, write_json
 
 __all__ = ["HuggingFaceDataModule", "load_hf_dataset", "read_hf_dataset"]
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 DATASET_FILES = ("dataset_dict.json", "state.json", "dataset_info.json")
 MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"), (b"II*\x00", ".tif"),
          (b"MM\x00*", ".tif"))
@@ -99,7 +105,12 @@ def read_hf_dataset(path: str, image_dir: Path, image_column: str = "image",
                     caption_column: str | Sequence[str] = "caption", id_column: str | None = None,
                     split_column: str | None = None, splits: dict[str, str | None] | None = None,
                     progress: bool = True) -> CaptionTable:
-    """The dataset's images, written into ``image_dir`` (once; a manifest remembers them), grouped with their captions.
+    """The dataset's images grouped with their captions; the table is kept in ``image_dir`` (a manifest, keyed by the
+    dataset's fingerprints and files) for the next start.
+
+    An image is named by its row in the dataset's own Arrow files (:mod:`captioning.data.arrow_rows`), or, for a
+    dataset whose rows are not simply its files' rows (held in memory, a selection), written once into
+    ``image_dir``; an image column of file paths names those files.
 
     ``splits``: role -> the dataset's split name (None: found by name).
     """
@@ -108,7 +119,9 @@ def read_hf_dataset(path: str, image_dir: Path, image_column: str = "image",
     columns = [caption_column] if isinstance(caption_column, str) else list(caption_column)
     key = {"format": MANIFEST_FORMAT, "path": str(path), "image_column": image_column, "caption_columns": columns,
            "id_column": id_column, "split_column": split_column, "roles": {str(k): v for k, v in roles.items()},
-           "splits": {str(name): [len(ds), getattr(ds, "_fingerprint", None)] for name, ds in loaded.items()}}
+           "splits": {str(name): [len(ds), getattr(ds, "_fingerprint", None),
+                                  [os.path.abspath(c["filename"]) for c in ds.cache_files]]
+                      for name, ds in loaded.items()}}
     manifest = image_dir / "manifest.json"
     with file_lock(image_dir / ".lock"):  # DDP ranks and sweep jobs set up at once: one writes, the rest read
         saved = read_json(manifest, None) if manifest.is_file() else None
@@ -118,7 +131,7 @@ def read_hf_dataset(path: str, image_dir: Path, image_column: str = "image",
         inside = str(image_dir) + os.sep
         write_json(manifest, {"key": key, "table": {
             "source": str(table.source), "names": table.names,
-            "files": [f[len(inside):] if f.startswith(inside) else os.path.relpath(f, image_dir) for f in table.files],
+            "files": [f[len(inside):] if f.startswith(inside) else os.path.abspath(f) for f in table.files],
             "captions": table.captions,
             "splits": table.splits, "duplicates": table.duplicates}}, indent=None)
     table.warn_duplicates()
@@ -159,11 +172,13 @@ def _export(loaded: dict[str | None, Any], roles: dict[str | None, str | None], 
             elif not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
                 raise ValueError(f"Column {image_column!r} of the dataset at {path} is {feature}, not an Image "
                                  "feature or a column of file paths; set data.image_column to the image column.")
+            in_arrow = _arrow_shards(ds, image_column)
             folder = image_dir / (name or "all")
-            folder.mkdir(parents=True, exist_ok=True)
             folder_text = str(folder)
-            # what an earlier, interrupted export left: name -> entry (its size read only when the name comes up)
-            present = {entry.name: entry for entry in os.scandir(folder)}
+            if in_arrow is None:  # held in memory, or a selection of its files' rows: written out once
+                folder.mkdir(parents=True, exist_ok=True)
+                # what an earlier, interrupted export left: name -> entry (its size read only when the name comes up)
+                present = {entry.name: entry for entry in os.scandir(folder)}
             task = bar.add_task(f"writing {name or 'the'} images", total=len(ds))
             row = 0
             for batch in ds.select_columns(list(dict.fromkeys(wanted))).iter(batch_size=1000):
@@ -189,7 +204,10 @@ def _export(loaded: dict[str | None, Any], roles: dict[str | None, str | None], 
                         if seen.setdefault(content, role) != role:
                             across += 1
                         group = f"{role} {content}"
-                    if data is not None and not table.has(group):  # one file per image, not per caption row
+                    if data is not None and in_arrow is not None:  # the row's bytes where the dataset keeps them
+                        shard = bisect_right(in_arrow[1], row - 1) - 1
+                        file = arrow_row_name(in_arrow[0][shard], image_column, row - 1 - in_arrow[1][shard])
+                    elif data is not None and not table.has(group):  # one file per image, not per caption row
                         base_name = f"{row - 1:09d}{_extension(data, file)}"
                         file = os.path.join(folder_text, base_name)
                         entry = present.get(base_name)
@@ -207,6 +225,30 @@ def _export(loaded: dict[str | None, Any], roles: dict[str | None, str | None], 
     # the names sort as the rows came (zero-padded), so the image ids follow the dataset's order
     table.names = [f"{k:09d}" for k in range(len(table.names))]
     return table
+
+
+def _arrow_shards(ds: Any, image_column: str) -> tuple[list[str], list[int]] | None:
+    """The Arrow files that hold ``ds``'s rows in order, and the first row of each; None when its rows are not
+    simply those files' rows (a dataset in memory, a selection or shuffle of them) or the column is not an
+    Image feature's struct of bytes."""
+    import pyarrow as pa
+
+    files = [os.path.abspath(entry["filename"]) for entry in ds.cache_files]
+    if not files or getattr(ds, "_indices", None) is not None:
+        return None
+    starts, total = [], 0
+    try:
+        for file in files:
+            with pa.memory_map(file) as source:
+                shard = pa.ipc.open_stream(source).read_all()
+            kind = shard.schema.field(image_column).type if image_column in shard.column_names else None
+            if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
+                return None
+            starts.append(total)
+            total += shard.num_rows
+    except (OSError, pa.ArrowException):
+        return None
+    return (files, starts) if total == len(ds) else None
 
 
 def _image_cell(cell: Any, base: Path) -> tuple[bytes | None, str | None, str]:
@@ -228,7 +270,8 @@ class HuggingFaceDataModule(CaptionTableDataModule):
         path: a ``save_to_disk`` folder, parquet file(s) or folder, or a hub name (from the local cache offline).
         image_column, caption_column, id_column, split_column: the columns (``caption_column`` may be a list).
         train_split, val_split, test_split: the dataset's split for each role; None: found by name.
-        image_dir: where the image bytes are written once; default ``images/`` beside the dataset.
+        image_dir: where the manifest of the rows read is kept (and the images of a dataset held in memory written
+            once); default ``images/`` beside the dataset.
         image_size: as for COCO (``auto``: the encoder's or the images' own size).
         split_seed, val_size, test_size, eval_only: as for ``data=folder``, for a dataset without splits.
         **options: the shared options (:mod:`captioning.data.options`).

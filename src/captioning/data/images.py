@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from captioning.data.arrow_rows import arrow_file, image_source
+
 # The RGB rules live with the exported runtime, so an export reads files as training does (one implementation).
 from captioning.runtime import to_rgb
 
@@ -64,7 +66,7 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # Our own limit below decides; PIL's warning for a merely large image would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(image_source(path)) as image:  # a file, or a row of a dataset's Arrow file
                 width, height = image.size
                 if limit is not None and width * height > limit:
                     raise BadImageError(_too_large(path, width, height, limit))
@@ -73,6 +75,8 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     except BadImageError:
         raise
     except FileNotFoundError as err:
+        if arrow_file(path) != path:
+            raise  # its message names the Arrow file
         raise FileNotFoundError(f"Image {path} is missing (the annotations list it)") from err
     except IsADirectoryError as err:
         raise BadImageError(f"Image {path} is a directory, not an image file.") from err

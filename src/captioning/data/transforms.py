@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from captioning.data.arrow_rows import image_source
 from captioning.data.images import load_image
 from captioning.runtime import IMAGENET_MEAN, IMAGENET_STD, ImageContract, resize
 
@@ -249,7 +250,7 @@ def auto_image_size(paths: Sequence[str], native: int | None = None, stride: int
     sides = []
     for path in picked:
         try:
-            with Image.open(path) as image:  # reads the header only
+            with Image.open(image_source(path)) as image:  # reads the header only
                 sides.append(max(image.size))
         except (OSError, ValueError):
             continue  # unreadable files are the image pipeline's to report
