@@ -9,6 +9,7 @@ import io
 import json
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,28 @@ def test_hugging_face_images_are_read_where_the_dataset_keeps_them(tmp_path, lay
     os.replace(moved, arrow_file(first))
     with pytest.raises(ValueError, match=r"row 100000 is past the end of"):
         load_image(first.replace("=0", "=100000"))
+
+
+def test_a_hugging_face_dataset_in_several_arrow_shards_names_each_row_in_its_own(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from captioning.data.arrow_rows import arrow_file
+    from captioning.data.images import load_image
+
+    write_hf(tmp_path / "d", "save_to_disk")
+    train = datasets.load_from_disk(str(tmp_path / "d"))["train"]
+    train.save_to_disk(str(tmp_path / "sharded"), num_shards=3)  # a big set's layout: 24 rows in files of 8
+    dm = hf(tmp_path / "sharded", val_size=4, test_size=4)
+    read_all(dm)
+    paths = [str(p) for role in ("train", "val", "test") for p in dm._load_split(role).image_paths]
+    assert len({arrow_file(p) for p in paths}) == 3 and len(paths) == 24
+    rows = train.cast_column("image", datasets.Image(decode=False))
+    for path in paths:  # row r of shard k is row 8 k + r of the dataset
+        shard = int(Path(arrow_file(path)).name.split("-")[1])
+        row = 8 * shard + int(path.rsplit("=", 1)[1])
+        with Image.open(io.BytesIO(rows[row]["image"]["bytes"])) as expected:
+            assert np.array_equal(np.asarray(load_image(path)), np.asarray(expected.convert("RGB")))
 
 
 def test_a_hugging_face_dataset_held_in_memory_has_its_images_written_once(tmp_path, monkeypatch):
