@@ -4,7 +4,8 @@
 #   2. the default run on the GPU in bfloat16 (trainer=gpu: bf16-mixed), two epochs on the built-in set: the
 #      seconds of each epoch, its images/s and the scores, which say whether bf16 learns as float32 does.
 #
-#   scripts/gpu_check.sh [OUT_DIR]          # default: $OUT, else outputs/gpu_check
+#   scripts/gpu_check.sh [OUT_DIR [OVERRIDE ...]]   # OUT_DIR default: $OUT, else outputs/gpu_check; the overrides go
+#                                                   # to train.py (e.g. data.root=/data/shapes)
 #
 # What it writes to OUT_DIR: gpu_check.txt (everything printed), core.json, train_metrics.json, train.log.
 # Python packages the machine lacks can travel as wheels in .whl/ (installed into /tmp/site, nothing else touched).
@@ -12,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-outputs/gpu_check}}
+shift $(( $# > 0 ? 1 : 0 ))
 DEVICE=${CHECK_DEVICE:-cuda}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
@@ -46,7 +48,7 @@ else
   train_args=(trainer=cpu trainer.max_epochs=1 +trainer.limit_train_batches=20 +trainer.limit_val_batches=2 test=false)
 fi
 START=$(date +%s)
-$PY src/train.py "${train_args[@]}" logger=csv data.progress=false "paths.log_dir=$RUN_DIR" "hydra.run.dir=$RUN_DIR/run"
+$PY src/train.py "${train_args[@]}" logger=csv data.progress=false "paths.log_dir=$RUN_DIR" "hydra.run.dir=$RUN_DIR/run" "$@"
 echo "train.py wall time: $(( $(date +%s) - START )) s"
 cp "$RUN_DIR/run/metrics.json" "$OUT_DIR/train_metrics.json"
 cp "$RUN_DIR/run/train.log" "$OUT_DIR/train.log"

@@ -251,3 +251,18 @@ def test_beside_a_terminal_bar_the_progress_lines_go_to_the_log_file(tmp_path):
     for line in steps[:2]:
         parts = dict(part.rsplit(" ", 1) for part in line.split("  ") if "ETA" in part)
         assert parts["fit ETA"] >= parts["epoch ETA"], line
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
+    """scripts/gpu_check.sh is run by hand on a GPU machine, never by CI: its CPU mode keeps it working."""
+    out = tmp_path / "out"
+    env = environment(CHECK_DEVICE="cpu", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), *tiny(tmp_path, logger=None)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["core.json", "gpu_check.txt", "train.log", "train_metrics.json"]
+    core = json.loads((out / "core.json").read_text())
+    assert core["benchmark"] and core["results"]
+    assert "val/loss" in json.loads((out / "train_metrics.json").read_text())["final"]
+    assert "train.py wall time" in (out / "gpu_check.txt").read_text()
