@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,sweeps,demo,export,plots,hf,timm,clip]"
 	touch $@
 
-# the recurrent cores' loops compiled once (~30 s; C++ compiler and ninja); without them the same math runs in
+# the recurrent cores' loops compiled once (~20 s; C++ compiler and ninja); without them the same math runs in
 # Python loops, slower at small sizes, so a failed build only warns
 $(VENV)/.kernels: $(VENV)/.installed src/captioning/models/csrc/recurrence.cpp src/captioning/models/kernels.py
 	if $(PY) -m captioning.models.kernels; then echo built > $@; else echo "not built" > $@; fi

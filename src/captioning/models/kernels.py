@@ -3,7 +3,7 @@
 
 At the built-in set's sizes a step's ops take microseconds each and the interpreter's per-op cost doubles
 them; the loop in C++ removes that. It is built once, at install (``make install`` runs
-``python -m captioning.models.kernels``; about 30 s with torch's C++ extension tooling and ninja) into a
+``python -m captioning.models.kernels``; about 20 s with torch's C++ extension tooling and ninja) into a
 folder keyed by the source, torch and Python versions (``~/.cache/captioning/kernels/<key>``, or
 ``$CAPTIONING_KERNELS_DIR``). A run never compiles: :func:`load` imports the built module if it is there and
 otherwise returns None, and bptt.py runs its Python loops (same results). ``CAPTIONING_KERNELS=off`` forces

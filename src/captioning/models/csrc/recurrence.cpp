@@ -2,8 +2,11 @@
 // captioning/models/bptt.py (which documents it), with the per-step loop in C++: at the built-in set's sizes
 // a step's work is a few microseconds per op, which the Python interpreter's per-op cost otherwise doubles.
 // Built at install (python -m captioning.models.kernels); bptt.py falls back to its Python loops without it.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/extension.h>
+#include <ATen/core/stack.h>
+// the pybind11 glue alone: torch/extension.h (the whole C++ frontend too) made the build 30 s instead of 19
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
