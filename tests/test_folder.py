@@ -176,6 +176,12 @@ def test_hugging_face_images_are_read_where_the_dataset_keeps_them(tmp_path, lay
             assert np.array_equal(np.asarray(load_image(str(path))), np.asarray(expected.convert("RGB")))
     assert not missing_images(train.image_paths)
     assert next(iter(dm.train_dataloader()))["images"].shape[1:] == (3, 32, 32)
+    # image_size=auto measures the rows' own images (their headers), as it does files
+    from captioning.data.transforms import auto_image_size
+
+    sides = sorted(max(load_image(str(p)).size) for p in train.image_paths)
+    size, why = auto_image_size(train.image_paths, stride=8)
+    assert f"median longer side {int(np.median(sides))} px of {len(sides)} sampled" in why and size % 8 == 0
     # the Arrow file gone: every row of it is missing, and a read names the file
     moved = arrow_file(first) + ".moved"
     os.replace(arrow_file(first), moved)
