@@ -179,7 +179,7 @@ def _export(loaded: dict[str | None, Any], roles: dict[str | None, str | None], 
                 folder.mkdir(parents=True, exist_ok=True)
                 # what an earlier, interrupted export left: name -> entry (its size read only when the name comes up)
                 present = {entry.name: entry for entry in os.scandir(folder)}
-            task = bar.add_task(f"writing {name or 'the'} images", total=len(ds))
+            task = bar.add_task(f"{'writing' if in_arrow is None else 'reading'} {name or 'the'} rows", total=len(ds))
             row = 0
             for batch in ds.select_columns(list(dict.fromkeys(wanted))).iter(batch_size=1000):
                 for k in range(len(batch[image_column])):
