@@ -418,9 +418,15 @@ class CaptioningModule(L.LightningModule):
         """Lightning's clipping, except that an optimizer able to unscale gradients itself (fused AdamW, the default)
         is clipped here where nothing scales them: Lightning refuses it under every mixed precision, though only
         16-mixed's GradScaler scales gradients — under bf16-mixed (``precision=auto`` on bf16 hardware) and 32-true
-        they are the true ones, and clipping them before the step is what the Trainer would do."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if gradient_clip_val and scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        they are the true ones, and clipping them before the step is what the Trainer would do. Under 16-mixed a
+        one-paragraph error names the settings that work."""
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False):
+            if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+                raise ValueError(
+                    f"trainer.gradient_clip_val={gradient_clip_val} cannot clip the gradients of a fused optimizer "
+                    "under trainer.precision=16-mixed: its gradients are scaled, and the fused step unscales them "
+                    "only inside itself, after clipping would have to happen. Set optimizer.fused=false (or "
+                    "trainer.gradient_clip_val=null to train without clipping, or trainer.precision=bf16-mixed).")
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 nn.utils.clip_grad_value_(params, gradient_clip_val)

@@ -16,10 +16,10 @@ import re
 from bisect import bisect_right
 from typing import Any
 
-__all__ = ["arrow_file", "arrow_row_name", "image_source", "read_arrow_row"]
+__all__ = ["arrow_file", "arrow_row_name", "image_rows", "image_source", "read_arrow_row"]
 
 _NAME = re.compile(r"^(?P<file>.+\.arrow)#(?P<column>[^#=/\\]+)=(?P<row>\d+)$")
-_TABLES: dict[str, tuple[Any, list[int]]] = {}  # file, column, version -> (the column's chunks, their first rows)
+_TABLES: dict[str, tuple[Any, list[int], Any]] = {}  # file, column, version -> _column's answer
 
 
 def arrow_row_name(file: str, column: str, row: int) -> str:
@@ -38,19 +38,55 @@ def arrow_file(path: str) -> str:
     return parsed[0] if parsed else str(path)
 
 
-def _column(file: str, column: str, stat: os.stat_result) -> tuple[Any, list[int]]:
+def _column(file: str, column: str) -> tuple[Any, list[int], Any]:
+    """The column of ``file`` mapped once per process: (its chunks, their first rows, its type; None when the file
+    has no such column). Raises OSError when the file cannot be read."""
+    import pyarrow as pa
+
+    stat = os.stat(file)
     key = f"{file}#{column}#{stat.st_size}:{stat.st_mtime_ns}"  # a file written again is mapped again
     if key not in _TABLES:
-        import pyarrow as pa
-
         with pa.memory_map(file) as source:  # datasets writes the IPC stream format; read_all maps, never copies
-            chunks = pa.ipc.open_stream(source).read_all().column(column).chunks
-        starts, total = [], 0
-        for chunk in chunks:
-            starts.append(total)
-            total += len(chunk)
-        _TABLES[key] = (chunks, starts)
+            table = pa.ipc.open_stream(source).read_all()
+        if table.schema.get_field_index(column) < 0:
+            _TABLES[key] = ([], [], None)
+        else:
+            chunks = table.column(column).chunks
+            starts = [0] * len(chunks)
+            for k in range(1, len(chunks)):
+                starts[k] = starts[k - 1] + len(chunks[k - 1])
+            _TABLES[key] = (chunks, starts, table.schema.field(column).type)
     return _TABLES[key]
+
+
+def image_rows(file: str, column: str) -> int | None:
+    """How many rows ``file`` has when its ``column`` holds image bytes (an ``Image`` feature's struct of bytes and
+    path); None when it does not, or the file is not an Arrow stream that can be read."""
+    import pyarrow as pa
+
+    try:
+        chunks, _, kind = _column(file, column)
+    except (OSError, pa.ArrowException):
+        return None
+    if not (kind is not None and pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
+        return None
+    return sum(len(chunk) for chunk in chunks)
+
+
+def _read(path: str, file: str, column: str, row: int) -> bytes:
+    try:
+        chunks, starts, _ = _column(file, column)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"Image {path}: the Arrow file {file} is gone (a cleared Hugging Face cache?); "
+                                "the next start reads the dataset again") from err
+    k = bisect_right(starts, row) - 1
+    if k < 0 or row - starts[k] >= len(chunks[k]):
+        raise ValueError(f"Image {path}: row {row} is past the end of {file} (it was written again since?)")
+    cell = chunks[k][row - starts[k]].as_py()
+    data = cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
+    if not data:
+        raise ValueError(f"Image {path}: the row holds no image bytes")
+    return data
 
 
 def read_arrow_row(path: str) -> bytes:
@@ -62,24 +98,11 @@ def read_arrow_row(path: str) -> bytes:
     parsed = _parse(path)
     if parsed is None:
         raise ValueError(f"{path} does not name a row of an Arrow file (<file.arrow>#<column>=<row>).")
-    file, column, row = parsed
-    try:
-        stat = os.stat(file)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"Image {path}: the Arrow file {file} is gone (a cleared Hugging Face cache?); "
-                                "the next start reads the dataset again") from err
-    chunks, starts = _column(file, column, stat)
-    k = bisect_right(starts, row) - 1
-    if k < 0 or row - starts[k] >= len(chunks[k]):
-        raise ValueError(f"Image {path}: row {row} is past the end of {file} (it was written again since?)")
-    cell = chunks[k][row - starts[k]].as_py()
-    data = cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
-    if not data:
-        raise ValueError(f"Image {path}: the row holds no image bytes")
-    return data
+    return _read(path, *parsed)
 
 
 def image_source(path: str) -> str | io.BytesIO:
     """What ``PIL.Image.open`` takes for ``path``: the path of a file, the bytes of an Arrow row."""
     path = str(path)
-    return io.BytesIO(read_arrow_row(path)) if _parse(path) else path
+    parsed = _parse(path)
+    return io.BytesIO(_read(path, *parsed)) if parsed else path

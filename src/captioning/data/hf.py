@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.annotations import CaptionSplit
-from captioning.data.arrow_rows import arrow_row_name
+from captioning.data.arrow_rows import arrow_row_name, image_rows
 from captioning.data.locking import file_lock
 from captioning.data.records import CaptionTable, CaptionTableDataModule, role_of, split_images
 from captioning.io import read_json, write_json
@@ -231,23 +231,16 @@ def _arrow_shards(ds: Any, image_column: str) -> tuple[list[str], list[int]] | N
     """The Arrow files that hold ``ds``'s rows in order, and the first row of each; None when its rows are not
     simply those files' rows (a dataset in memory, a selection or shuffle of them) or the column is not an
     Image feature's struct of bytes."""
-    import pyarrow as pa
-
     files = [os.path.abspath(entry["filename"]) for entry in ds.cache_files]
     if not files or getattr(ds, "_indices", None) is not None:
         return None
     starts, total = [], 0
-    try:
-        for file in files:
-            with pa.memory_map(file) as source:
-                shard = pa.ipc.open_stream(source).read_all()
-            kind = shard.schema.field(image_column).type if image_column in shard.column_names else None
-            if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
-                return None
-            starts.append(total)
-            total += shard.num_rows
-    except (OSError, pa.ArrowException):
-        return None
+    for file in files:
+        rows = image_rows(file, image_column)
+        if rows is None:
+            return None
+        starts.append(total)
+        total += rows
     return (files, starts) if total == len(ds) else None
 
 
