@@ -65,6 +65,30 @@ def test_the_compiled_loops_compute_what_the_python_loops_do(cell, dtype, size, 
 
 
 @pytest.mark.parametrize("cell", sorted(FORWARDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_steps_shared_between_two_threads_compute_what_one_thread_does(cell, dtype, compiled, monkeypatch):
+    # at two threads a step's product is split into blocks of columns, one per thread, and the cell's rows likewise;
+    # 37 rows and 4H = 800 columns leave partial blocks, and the float64 cell takes ATen's ops between the products
+    monkeypatch.setenv("CAPTIONING_GEMM", "torch")  # the split is ATen's BLAS only (not oneDNN)
+    n, h = 37, 200
+    macs = n * h * 4 * h * (2 if cell == "attention" else 1)
+    inputs = _inputs(cell, dtype, n=n, t=4, d=16, h=h)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not compiled.splits(macs, False)  # one thread: one call
+        torch.set_num_threads(2)
+        assert compiled.splits(macs, False) and not compiled.splits(macs, True) and not compiled.splits(1000, False)
+        out_c, grads_c = _run(cell, inputs, monkeypatch, compiled)
+    finally:
+        torch.set_num_threads(threads)
+    out_p, grads_p = _run(cell, inputs, monkeypatch, None)
+    eps = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip((out_c, *grads_c), (out_p, *grads_p), strict=True):
+        torch.testing.assert_close(a, b, rtol=eps, atol=eps * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("cell", sorted(FORWARDS))
 def test_the_compiled_loops_pass_gradcheck(cell, compiled, monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", compiled)
     assert torch.autograd.gradcheck(FORWARDS[cell], _inputs(cell, torch.float64, 2, 3, 3, 4), eps=1e-6, atol=1e-8,
@@ -147,3 +171,21 @@ def test_bfloat16_products_leave_onednn_where_the_cpu_has_no_bf16_linear(monkeyp
     a, b = torch.randn(64, 512), torch.randn(512, 256)
     expected = (a.bfloat16().float() @ b.bfloat16().float())
     torch.testing.assert_close(gemm.mm(a.bfloat16(), b.bfloat16()).float(), expected, rtol=0.02, atol=0.5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch built without oneDNN")
+def test_products_go_to_onednn_only_where_it_beats_torchs_blas(monkeypatch):
+    # on an x86 CPU without AVX-512 MKL was faster at every product of the model; with AVX-512 oneDNN up to 2x
+    from captioning.models import gemm
+
+    monkeypatch.delenv("CAPTIONING_GEMM", raising=False)
+    for capability, expected in (("AVX2", False), ("AVX512", True)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
+        assert gemm.onednn_available() is expected
+        a, b = torch.randn(64, 256), torch.randn(256, 1024)
+        torch.testing.assert_close(gemm.mm(a, b), a @ b, rtol=1e-5, atol=1e-4)
+    monkeypatch.setenv("CAPTIONING_GEMM", "torch")
+    assert not gemm.onednn_available()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("CAPTIONING_GEMM", "onednn")
+    assert gemm.onednn_available()

@@ -32,6 +32,10 @@ SOURCE = Path(__file__).with_name("csrc") / "recurrence.cpp"
 # -fno-trapping-math (as torch itself is built): without it GCC keeps the gate arithmetic's clamps as branches and
 # vectorises the forward cell only where AVX-512 masks can stand in for them (on an AVX2 CPU 6x slower)
 CFLAGS = ("-O3", "-march=native", "-fno-trapping-math")
+# OpenMP: ATen's parallel_for is header code that runs on the calling thread unless the extension itself is compiled
+# with it; the steps' products and cells are shared between the threads through it (torch's own OpenMP runtime, the
+# one already loaded, runs them). A compiler without OpenMP (Apple's clang) builds the same loops on one thread.
+OPENMP = ("-fopenmp",)
 _UNSET = object()
 _loaded: object = _UNSET
 
@@ -39,7 +43,7 @@ _loaded: object = _UNSET
 def build_directory() -> Path:
     """Where the module for this source, torch and Python is (or would be) built."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), sys.version.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + OPENMP).encode(), torch.__version__.encode(), sys.version.encode(),
                  _cpu().encode()):
         digest.update(part)
     root = os.environ.get("CAPTIONING_KERNELS_DIR") or Path.home() / ".cache" / "captioning" / "kernels"
@@ -102,7 +106,12 @@ def build(verbose: bool = False) -> Path:
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    compile_extension(NAME, [str(SOURCE)], build_directory=str(directory), extra_cflags=list(CFLAGS), verbose=verbose)
+    try:
+        compile_extension(NAME, [str(SOURCE)], build_directory=str(directory), extra_cflags=list(CFLAGS + OPENMP),
+                          extra_ldflags=list(OPENMP), verbose=verbose)
+    except Exception:  # noqa: BLE001 - e.g. no OpenMP in this compiler: the loops on one thread are still worth it
+        compile_extension(NAME, [str(SOURCE)], build_directory=str(directory), extra_cflags=list(CFLAGS),
+                          verbose=verbose)
     global _loaded
     _loaded = _UNSET
     path = _library(directory)

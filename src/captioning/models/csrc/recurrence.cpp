@@ -3,6 +3,8 @@
 // a step's work is a few microseconds per op, which the Python interpreter's per-op cost otherwise doubles.
 // Built at install (python -m captioning.models.kernels); bptt.py falls back to its Python loops without it.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 // the pybind11 glue alone: torch/extension.h (the whole C++ frontend too) made the build 30 s instead of 19
@@ -53,6 +55,24 @@ struct Gemm {
     op.callBoxed(&stack);
     return stack[0].toTensor();
   }
+  // out = c + a @ b (c undefined: a @ b) with b's columns shared out between the threads, each block one product on
+  // its own thread (see Steps); out (M, N) rows of unit stride. ATen's BLAS only: oneDNN's products started inside
+  // the threads' region ran ~200x slower (its own threads on top of ours), so Steps does not split where it is used.
+  void addmm_split(Tensor out, const Tensor& c, const Tensor& a, const Tensor& b) const {
+    const int64_t cols = b.size(1), blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+    const at::ThreadLocalState caller;  // grad mode (off in a Function's forward), autocast: thread-local state
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard as_caller(caller);
+      const int64_t j0 = begin * kColumnBlock, width = std::min(cols, end * kColumnBlock) - j0;
+      auto block = out.narrow(1, j0, width);
+      if (c.defined()) {
+        at::addmm_out(block, c.narrow(1, j0, width), a, b.narrow(1, j0, width));
+      } else {
+        at::mm_out(block, a, b.narrow(1, j0, width));
+      }
+    });
+  }
+  static constexpr int64_t kColumnBlock = 64;
   // x @ W + bias, W (K, N), bias (N,)
   Tensor linear(const Tensor& x, const Tensor& W, const Tensor& bias) const {
     if (!use_onednn(x, W)) return at::addmm(bias, x, W);
@@ -61,6 +81,30 @@ struct Gemm {
                             c10::IValue()};
     op.callBoxed(&stack);
     return stack[0].toTensor();
+  }
+};
+
+// How a step's work is shared between the threads. A step's product has only N (64) rows: one library call split
+// over two threads ran at ~70% of the matmul peak on the 2-core AVX2 machine, while each thread's own product over
+// half the columns, on one thread, ran at ~86% (254 -> 215 us at N=64, H=256); and the cell's element work, which
+// one thread did while the other waited, is split by rows. Below kMinMacs per step the threads' start costs more.
+// at::parallel_for is OpenMP header code: it runs on the calling thread alone unless this file is compiled with
+// -fopenmp (kernels.py), and with one thread (torch.set_num_threads(1)) everything runs as one call.
+struct Steps {
+  bool split;
+  // the LSTM at N=32, H=128 (2M multiply-adds a step) lost 5% split; the attention LSTM there (4M) gained 13%
+  static constexpr int64_t kMinMacs = int64_t(1) << 22;
+  Steps(int64_t macs, const Gemm& gemm)
+      : split(!gemm.onednn && at::get_num_threads() > 1 && !at::in_parallel_region() && macs >= kMinMacs) {}
+  Steps() : split(false) {}
+  // f(begin, end) over the rows [0, N), in one block per thread where split
+  template <class F>
+  void rows(int64_t N, const F& f) const {
+    if (split) {
+      at::parallel_for(0, N, 8, f);
+    } else {
+      f(0, N);
+    }
   }
 };
 
@@ -139,12 +183,12 @@ void backward_row(int64_t H, const float* __restrict__ gi, const float* __restri
 
 // The cell of bptt._lstm_cell_forward in one pass over the elements (float32, contiguous rows; h's rows may be
 // further apart: the attention loop writes them straight into its [h, attn] buffer).
-void cell_forward_f32(Tensor& a, const Tensor& c_prev, Tensor& c, Tensor& tanh_c, Tensor& h) {
-  const int64_t N = c.size(0), H = c.size(1), ld_h = h.stride(0);
+void cell_forward_f32(Tensor& a, const Tensor& c_prev, Tensor& c, Tensor& tanh_c, Tensor& h, int64_t r0, int64_t r1) {
+  const int64_t H = c.size(1), ld_h = h.stride(0);
   float* A = a.data_ptr<float>();
   const float* Cp = c_prev.data_ptr<float>();
   float *C = c.data_ptr<float>(), *Tc = tanh_c.data_ptr<float>(), *Hn = h.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = r0; n < r1; ++n) {
     float* a_n = A + n * 4 * H;
     cell_row(H, a_n, a_n + H, a_n + 2 * H, a_n + 3 * H, Cp + n * H, C + n * H, Tc + n * H, Hn + n * ld_h);
   }
@@ -152,12 +196,12 @@ void cell_forward_f32(Tensor& a, const Tensor& c_prev, Tensor& c, Tensor& tanh_c
 
 // bptt._LSTMBackwardStep in one pass (float32, contiguous rows)
 void backward_step_f32(const Tensor& gates, const Tensor& c_prev, const Tensor& tanh_c, const Tensor& dh, Tensor& dc,
-                       Tensor& da) {
-  const int64_t N = dh.size(0), H = dh.size(1);
+                       Tensor& da, int64_t r0, int64_t r1) {
+  const int64_t H = dh.size(1);
   const float *G = gates.data_ptr<float>(), *Cp = c_prev.data_ptr<float>(), *Tc = tanh_c.data_ptr<float>();
   const float* Dh = dh.data_ptr<float>();
   float *Dc = dc.data_ptr<float>(), *Da = da.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = r0; n < r1; ++n) {
     const float* g_n = G + n * 4 * H;
     float* da_n = Da + n * 4 * H;
     backward_row(H, g_n, g_n + H, g_n + 2 * H, g_n + 3 * H, Cp + n * H, Tc + n * H, Dh + n * H, Dc + n * H, da_n,
@@ -166,9 +210,9 @@ void backward_step_f32(const Tensor& gates, const Tensor& c_prev, const Tensor& 
 }
 
 // bptt._lstm_cell_forward (CPU branch): a (N, 4H) pre-activations -> gate activations in place; c, tanh_c, h
-void cell_forward(Tensor& a, const Tensor& c_prev, Tensor c, Tensor tanh_c, Tensor h) {
+void cell_forward(Tensor& a, const Tensor& c_prev, Tensor c, Tensor tanh_c, Tensor h, const Steps& steps) {
   if (fusable(a) && fusable(c_prev) && fusable(c) && fusable(tanh_c) && fusable_rows(h)) {
-    cell_forward_f32(a, c_prev, c, tanh_c, h);
+    steps.rows(c.size(0), [&](int64_t r0, int64_t r1) { cell_forward_f32(a, c_prev, c, tanh_c, h, r0, r1); });
     return;
   }
   const int64_t H = c.size(1);
@@ -191,13 +235,13 @@ inline void axpy(int64_t n, float a, const float* __restrict__ x, float* __restr
 // P positions, w = softmax(scores), attn = A w. A_flat (N, H, P) and A_T (N, P, H) are the same map in the two
 // layouts, so that both sums run along contiguous memory: scores over A's rows, attn over A_T's.
 // hx (N, 2H): reads h from [0, H), writes attn into [H, 2H); w (N, P).
-void attend_f32(Tensor& hx, const Tensor& A_flat, const Tensor& A_T, double scale, Tensor& w) {
-  const int64_t N = A_flat.size(0), H = A_flat.size(1), P = A_flat.size(2), ld = hx.stride(0);
+void attend_f32(Tensor& hx, const Tensor& A_flat, const Tensor& A_T, double scale, Tensor& w, int64_t r0, int64_t r1) {
+  const int64_t H = A_flat.size(1), P = A_flat.size(2), ld = hx.stride(0);
   const float* A = A_flat.data_ptr<float>();
   const float* At = A_T.data_ptr<float>();
   float *X = hx.data_ptr<float>(), *W = w.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = r0; n < r1; ++n) {
     const float* h = X + n * ld;
     float* attn = X + n * ld + H;
     float* wn = W + n * P;
@@ -218,15 +262,16 @@ void attend_f32(Tensor& hx, const Tensor& A_flat, const Tensor& A_T, double scal
 // The attention's backward for one step (float32): dhx (N, 2H) holds the gradient of [h_{t-1}, attn_t];
 // dscores (N, P) gets the softmax's input gradient (before the 1/sqrt(H)); dh (N, H) = dh_out (the step's own
 // output gradient, or none at t = 0) + dhx's h half + scale * A dscores.
+// Rows [r0, r1); scratch holds H floats.
 void attend_backward_f32(const Tensor& dhx, const Tensor& A_flat, const Tensor& A_T, const Tensor& w, double scale,
-                         const Tensor* dh_out, Tensor& dscores, Tensor& dh, Tensor& scratch) {
-  const int64_t N = A_flat.size(0), H = A_flat.size(1), P = A_flat.size(2);
+                         const Tensor* dh_out, Tensor& dscores, Tensor& dh, float* tmp, int64_t r0, int64_t r1) {
+  const int64_t H = A_flat.size(1), P = A_flat.size(2);
   const float *A = A_flat.data_ptr<float>(), *At = A_T.data_ptr<float>(), *D = dhx.data_ptr<float>();
   const float* Wt = w.data_ptr<float>();
   const float* Do = dh_out ? dh_out->data_ptr<float>() : nullptr;
-  float *Ds = dscores.data_ptr<float>(), *Dh = dh.data_ptr<float>(), *tmp = scratch.data_ptr<float>();
+  float *Ds = dscores.data_ptr<float>(), *Dh = dh.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = r0; n < r1; ++n) {
     const float* dattn = D + n * 2 * H + H;
     const float* dh_rec = D + n * 2 * H;
     const float* wn = Wt + n * P;
@@ -257,9 +302,10 @@ struct BackwardStep {
     ones = at::ones({like.size(0), H}, like.options());
   }
   void operator()(const Tensor& gates, const Tensor& c_prev, const Tensor& tanh_c, const Tensor& dh, Tensor& dc,
-                  Tensor da) {
+                  Tensor da, const Steps& steps) {
     if (fusable(gates) && fusable(c_prev) && fusable(tanh_c) && fusable(dh) && fusable(dc) && fusable(da)) {
-      backward_step_f32(gates, c_prev, tanh_c, dh, dc, da);
+      steps.rows(dh.size(0),
+                 [&](int64_t r0, int64_t r1) { backward_step_f32(gates, c_prev, tanh_c, dh, dc, da, r0, r1); });
       return;
     }
     auto i = gates.narrow(1, 0, H), f = gates.narrow(1, H, H), o = gates.narrow(1, 2 * H, H);
@@ -293,10 +339,18 @@ std::vector<Tensor> lstm_forward(const Tensor& x_tm, const Tensor& h0, const Ten
   auto tanh_cs = at::empty({T, N, H}, h0.options());
   hs[0].copy_(h0);
   cs[0].zero_();
+  const Steps steps(N * H * 4 * H, gemm);
+  auto gates = steps.split ? at::empty({T, N, 4 * H}, h0.options()) : Tensor();
   std::vector<Tensor> out{hs, cs, tanh_cs};
   for (int64_t t = 0; t < T; ++t) {
-    auto a = gemm.addmm(xw[t], hs[t], Wh);
-    cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hs[t + 1]);
+    Tensor a;
+    if (steps.split) {
+      a = gates[t];
+      gemm.addmm_split(a, xw[t], hs[t], Wh);
+    } else {
+      a = gemm.addmm(xw[t], hs[t], Wh);
+    }
+    cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hs[t + 1], steps);
     out.push_back(a);
   }
   return out;
@@ -310,17 +364,30 @@ std::vector<Tensor> lstm_backward(const Tensor& dh_tm, const Tensor& x_tm, const
   const int64_t T = static_cast<int64_t>(gates.size()), N = gates[0].size(0), H = hs.size(2);
   auto WhT = Wh.t();
   BackwardStep step(gates[0]);
+  const Steps steps(N * H * 4 * H, gemm);
   auto da = at::empty({T, N, 4 * H}, gates[0].options());
   auto dh = dh_tm[T - 1].clone();
   auto dc = at::zeros_like(dh);
   for (int64_t t = T - 1; t >= 0; --t) {
-    step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t]);
-    if (t) dh = gemm.addmm(dh_tm[t - 1], da[t], WhT);
+    step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t], steps);
+    if (!t) break;
+    if (steps.split) {
+      gemm.addmm_split(dh, dh_tm[t - 1], da[t], WhT);  // da[t] holds all of dh's use: dh takes the new values
+    } else {
+      dh = gemm.addmm(dh_tm[t - 1], da[t], WhT);
+    }
   }
   auto da_flat = da.view({T * N, 4 * H});
   Tensor dx, dh0, dWx, dWh, db;
   if (needs[0]) dx = gemm.mm(da_flat, Wx.t());
-  if (needs[1]) dh0 = gemm.mm(da[0], WhT);
+  if (needs[1]) {
+    if (steps.split) {
+      dh0 = at::empty_like(dh);
+      gemm.addmm_split(dh0, Tensor(), da[0], WhT);
+    } else {
+      dh0 = gemm.mm(da[0], WhT);
+    }
+  }
   auto h_prev = hs.narrow(0, 0, T).reshape({T * N, H});
   if (needs[2] && needs[3]) {  // [dWx; dWh] = [x, h_prev]^T da: one product over all steps
     auto dW = gemm.mm(at::cat({x_tm, h_prev}, 1).t(), da_flat);
@@ -352,13 +419,21 @@ std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_f
   cs[0].copy_(h0);
   const bool fused = fusable(A_flat) && fusable(hx);
   auto A_T = fused ? A_flat.transpose(1, 2).contiguous() : A_flat.transpose(1, 2);
+  const Steps steps(N * 2 * H * 4 * H, gemm);
+  auto gates_buffer = steps.split ? at::empty({T, N, 4 * H}, A_flat.options()) : Tensor();
   std::vector<Tensor> gates;
   for (int64_t t = 0; t < T; ++t) {
     if (fused) {
       auto hx_t = hx[t], w = weights[t];
-      attend_f32(hx_t, A_flat, A_T, scale, w);
-      auto a = gemm.addmm(xw[t], hx_t, W_ha);
-      cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hx[t + 1].narrow(1, 0, H));
+      steps.rows(N, [&](int64_t r0, int64_t r1) { attend_f32(hx_t, A_flat, A_T, scale, w, r0, r1); });
+      Tensor a;
+      if (steps.split) {
+        a = gates_buffer[t];
+        gemm.addmm_split(a, xw[t], hx_t, W_ha);
+      } else {
+        a = gemm.addmm(xw[t], hx_t, W_ha);
+      }
+      cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hx[t + 1].narrow(1, 0, H), steps);
       gates.push_back(a);
       continue;
     }
@@ -368,7 +443,7 @@ std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_f
     at::_softmax_out(w, scores, 1, false);
     attn.copy_(at::bmm(w.unsqueeze(1), A_T).squeeze(1));
     auto a = gemm.addmm(xw[t], hx[t], W_ha);
-    cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], h_next);
+    cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], h_next, Steps());
     hx[t + 1].narrow(1, 0, H).copy_(h_next);
     gates.push_back(a);
   }
@@ -397,16 +472,25 @@ std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x
   auto dc = at::zeros_like(dh);
   const bool fused = fusable(A_flat) && fusable(weights) && fusable(dh_tm) && dh.scalar_type() == at::kFloat;
   auto A_T = fused ? A_flat.transpose(1, 2).contiguous() : A_flat.transpose(1, 2);
-  auto scratch = fused ? at::empty({H}, dh.options()) : Tensor();
+  const Steps steps(N * 2 * H * 4 * H, gemm);
+  const Steps element_steps = fused ? steps : Steps();
+  std::vector<float> scratch(fused ? static_cast<size_t>(H) * std::max(at::get_num_threads(), 1) : 0);
   for (int64_t t = T - 1; t >= 0; --t) {
-    step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t]);
+    step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t], element_steps);
     auto dhx_t = dhx[t];
-    gemm.mm_out(dhx_t, da[t], W_haT);
+    if (steps.split) {
+      gemm.addmm_split(dhx_t, Tensor(), da[t], W_haT);
+    } else {
+      gemm.mm_out(dhx_t, da[t], W_haT);
+    }
     if (fused) {
       auto dscores_t = dscores[t];
       Tensor dh_out;
       if (t) dh_out = dh_tm[t - 1];
-      attend_backward_f32(dhx_t, A_flat, A_T, weights[t], scale, t ? &dh_out : nullptr, dscores_t, dh, scratch);
+      steps.rows(N, [&](int64_t r0, int64_t r1) {
+        float* tmp = scratch.data() + H * std::min<int64_t>(at::get_thread_num(), at::get_num_threads() - 1);
+        attend_backward_f32(dhx_t, A_flat, A_T, weights[t], scale, t ? &dh_out : nullptr, dscores_t, dh, tmp, r0, r1);
+      });
       continue;
     }
     auto w = weights[t];
@@ -447,7 +531,11 @@ std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x
   return {dx, dA, dWx, dWh, dWattn, db};
 }
 
+// Whether a step of `macs` multiply-adds is shared between the threads here and now (for the tests)
+bool splits(int64_t macs, bool onednn) { return Steps(macs, Gemm{onednn}).split; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("splits", &splits);
   m.def("lstm_forward", &lstm_forward);
   m.def("lstm_backward", &lstm_backward);
   m.def("attention_lstm_forward", &attention_lstm_forward);
