@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +109,26 @@ def test_the_compiled_loops_under_bf16_autocast(cell, compiled, monkeypatch):
     torch.testing.assert_close(results[False][0], results[True][0], rtol=0.05, atol=0.05)
     for a, b in zip(results[False][1], results[True][1], strict=True):
         torch.testing.assert_close(a, b, rtol=0.1, atol=0.1)
+
+
+def test_a_compiler_without_openmp_still_builds_the_loops(tmp_path, monkeypatch):
+    # Apple's clang refuses -fopenmp: the module is built again without it (its steps then run on one thread)
+    import torch.utils.cpp_extension as cpp_extension
+
+    flags = []
+
+    def compile_extension(name, sources, build_directory, extra_cflags, verbose, extra_ldflags=()):
+        flags.append((list(extra_cflags), list(extra_ldflags)))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setenv("CAPTIONING_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", compile_extension)
+    monkeypatch.setattr(kernels, "_loaded", kernels._UNSET)
+    assert kernels.build() == kernels.build_directory() / f"{kernels.NAME}.so"
+    assert [("-fopenmp" in c, "-fopenmp" in ld) for c, ld in flags] == [(True, True), (False, False)]
+    assert all("-fno-trapping-math" in c for c, _ in flags)
 
 
 def test_a_run_never_compiles_and_an_unbuilt_module_means_the_python_loops(tmp_path, monkeypatch):
