@@ -143,24 +143,24 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_learns_to_see(tmp_path):
-    """A shortened default run (4 of the 10 epochs, the cosine schedule over those 4) names what is in the
-    picture, not only the language of the references: judged against the scenes the generator drew.
+def test_quick_recipe_learns_to_see(tmp_path):
+    """The two-minute recipe (experiment=shapes_quick: the default's four epochs, a 30% warm-up, the weights'
+    moving average) names what is in the picture, not only the language of the references: judged against the
+    scenes the generator drew.
 
-    Measured with the deep output (seed 12345, 3 min 07 s on 2 cores on a slow day): object precision 0.957, colour
-    0.965, single-object exact 1.000, true captions 0.885, BLEU-4 0.829 (blind baseline 0.289), CIDEr-D 3.59, 163
-    distinct captions for 200 images; before it (seeds 12345 / 1): precision 0.935 / 0.926, colour 0.981 / 0.978,
-    true captions 0.870 / 0.875, BLEU-4 0.842 / 0.841, 172 distinct captions. The courses' setup
+    Measured on 500 validation images (seeds 12345 / 1 / 2, 2 threads, ~2 min each): object precision 0.970 / 0.969
+    / 0.971, colour 0.991 / 0.979 / 0.980, true captions 0.940 / 0.920 / 0.906, BLEU-4 0.847 / 0.853 / 0.860; four
+    epochs of the default 0.965 / 0.964 / 0.963, colour 0.988 / 0.951 / 0.948. The courses' setup
     (experiment=shapes_courses) stays at object precision ~0.1 with a BLEU-4 of ~0.3."""
-    train([f"paths.root_dir={tmp_path}", "data.num_val=200", "data.num_test=50", "data.progress=false",
-           "trainer.max_epochs=4", "logger=csv", "callbacks.progress_bar=null"])
+    train([f"paths.root_dir={tmp_path}", "experiment=shapes_quick", "data.num_val=200", "data.num_test=50",
+           "data.progress=false", "logger=csv", "callbacks.progress_bar=null"])
     (run,) = run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     final, blind = metrics["final"], metrics["blind_baseline"]
-    assert final["val/grounding/precision"] >= 0.85  # named objects that are in the picture
-    assert final["val/grounding/color"] >= 0.95 and final["val/grounding/shape"] >= 0.85
+    assert final["val/grounding/precision"] >= 0.9  # named objects that are in the picture
+    assert final["val/grounding/color"] >= 0.95 and final["val/grounding/shape"] >= 0.9
     assert final["val/grounding/single_exact"] >= 0.9
-    assert final["val/grounding/correct"] >= 0.75  # captions with nothing false in them
+    assert final["val/grounding/correct"] >= 0.8  # captions with nothing false in them
     # the best constant caption ("there is a large white triangle on the left": BLEU-4 0.29, CIDEr-D 0.71) names an
     # object that is there an eighth of the time
     assert blind["grounding/precision"] < 0.25 and final["val/grounding/precision"] > 3 * blind["grounding/precision"]
