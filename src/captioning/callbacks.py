@@ -282,9 +282,11 @@ class EMA(EMAWeightAveraging):
     checkpoints (``state_dict``; the raw weights ride along for resuming) and the model at the end of fitting
     use the averaged weights, so eval.py and caption.py read them from a checkpoint with nothing to set.
 
-    The only change to Lightning's callback: the average is copied from the module after its decoder exists (the
+    Two changes to Lightning's callback: the average is copied from the module after its decoder exists (the
     decoder is sized by the data's vocabulary, :meth:`CaptioningModule.configure_model`), which Lightning's
-    ``setup`` would do with a warning meant for sharded models.
+    ``setup`` would do with a warning meant for sharded models; and a checkpoint loaded to test or validate (train.py's
+    ``test=true`` scores the best one in the trainer that fitted it) keeps the average it holds as the model, where
+    Lightning's would put the raw weights back as for a resume and score those.
 
     Args:
         decay: the weight of the average at each update (0.999: ~1,000 steps; 0.99: ~100).
@@ -297,6 +299,11 @@ class EMA(EMAWeightAveraging):
         pl_module.configure_model()
         self._average_model = AveragedModel(model=pl_module, device=self._device or pl_module.device,
                                             use_buffers=self._use_buffers, **self._kwargs)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # the module was loaded from the checkpoint's state_dict: the average, the model to score
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------
