@@ -209,6 +209,30 @@ def test_ema_weights_are_what_validation_and_checkpoints_use(tmp_path):
     assert all(torch.equal(module.state_dict()[k], v) for k, v in average.items())
 
 
+def test_a_resumed_ema_run_carries_its_average_and_its_raw_weights_on(tmp_path):
+    """ckpt_path=last with callbacks=ema: the average comes back from the checkpoint's state_dict and training goes
+    on from its raw weights (current_model_state). With decay 1 the average is frozen at the first step's weights,
+    so after the resume it is still exactly the first run's. (The first run's one cycle has ended, so the second
+    epoch moves the raw weights by ~1e-5; restarted from the average they would sit ~1 away from the first run's.)"""
+    ema = ("callbacks=ema", "callbacks.ema.decay=1.0", "test=false")
+    train_in_process(tmp_path, "first", "trainer.max_epochs=1", *ema)
+    (first,) = run_dirs(tmp_path)
+    before = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    train_in_process(tmp_path, "second", "trainer.max_epochs=2", *ema, "ckpt_path=last")
+    second = next(d for d in run_dirs(tmp_path) if d != first)
+    after = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == 2 * before["global_step"]
+    assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
+    moved = [k for k, v in before["current_model_state"].items()
+             if v.is_floating_point() and not torch.equal(after["current_model_state"][k], v)]
+    assert moved  # trained on from the raw weights
+    # not restarted from the average: the raw weights after the resume are nearer the first run's raw than its average
+    key = max(moved, key=lambda k: before["current_model_state"][k].numel())
+    raw, average, now = (d[key].float() for d in (before["current_model_state"], before["state_dict"],
+                                                   after["current_model_state"]))
+    assert (now - raw).norm() < (now - average).norm()
+
+
 def test_the_gap_line_says_when_validation_is_much_worse():
     from captioning.callbacks import RunReport
 
