@@ -4,6 +4,7 @@ its train(cfg) in process (a real short run, resume)."""
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,19 @@ def test_real_training_writes_checkpoints_metrics_and_report(tmp_path, capsys):
 
 
 def test_resume_from_last_checkpoint(tmp_path):
-    train_in_process(tmp_path, "first", "trainer.max_epochs=1", "test=false")
+    """ckpt_path=last goes on where the run stopped; a run resumed with more epochs than the one-cycle schedule was
+    sized for says that its extra steps train at the final rate (the schedule comes back from the checkpoint)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_in_process(tmp_path, "first", "trainer.max_epochs=1", "test=false")
+    assert not [w for w in caught if "learning-rate schedule" in str(w.message)]
     (first,) = run_dirs(tmp_path)
     last = first / "checkpoints" / "last.ckpt"
     step_after_one = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert step_after_one == 20  # 64 images x 5 captions / batch 16
-    train_in_process(tmp_path, "second", "trainer.max_epochs=2", "test=false", "ckpt_path=last")
+    with pytest.warns(UserWarning, match=r"OneCycleLR ends at optimizer step 20, but this run goes on to step 40 "
+                                         r"\(trainer.max_epochs=2\): the last 20 steps train at its final rate"):
+        train_in_process(tmp_path, "second", "trainer.max_epochs=2", "test=false", "ckpt_path=last")
     second = [d for d in run_dirs(tmp_path) if d != first][0]
     resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 2 * step_after_one and resumed["epoch"] == 1

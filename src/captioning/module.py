@@ -220,6 +220,22 @@ class CaptioningModule(L.LightningModule):
                 self.results[split] = StageResult(split, CaptionScorer(datamodule.references(split)),
                                                   grounding_scorer(datamodule, split))
 
+    def on_train_start(self) -> None:
+        # after Lightning restored a resumed run's schedulers: they keep the length of the run that saved them
+        run_steps = self.trainer.estimated_stepping_batches
+        for config in self.trainer.lr_scheduler_configs:
+            total = getattr(config.scheduler, "total_steps", None)
+            if config.interval == "step" and isinstance(total, int) and total < run_steps < float("inf"):
+                ended = self.trainer.global_step >= total
+                rate = f" ({min(g['lr'] for g in config.scheduler.optimizer.param_groups):.2g})" if ended else ""
+                rank_zero_warn(
+                    f"The learning-rate schedule {type(config.scheduler).__name__} ends at optimizer step {total}, "
+                    f"but this run goes on to step {run_steps} (trainer.max_epochs={self.trainer.max_epochs}): the "
+                    f"last {run_steps - total} steps train at its final rate"
+                    f"{rate}. A resumed run (ckpt_path=...) keeps the "
+                    "schedule of the run that saved it, sized by that run's trainer.max_epochs (a one-cycle schedule "
+                    "ends near zero); to train longer, start a new run with the longer trainer.max_epochs.")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)
         datamodule = self.trainer.datamodule if self._trainer is not None else None

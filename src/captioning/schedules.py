@@ -5,7 +5,8 @@
 that cannot know the run's length: ``total_steps`` and ``max_lr`` may be left out, and
 :class:`~captioning.module.CaptioningModule` fills them in (the trainer's ``estimated_stepping_batches``; each
 parameter group's own learning rate, so ``module.encoder_lr`` keeps its ratio to ``optimizer.lr``). Past its last
-step it holds the final rate instead of raising, so a run resumed with more epochs goes on at that rate.
+step it holds the final rate instead of raising, so a run resumed with more epochs goes on at that rate (and
+:meth:`CaptioningModule.on_train_start` warns that it does).
 """
 
 from __future__ import annotations
