@@ -74,6 +74,12 @@ def test_resume_from_last_checkpoint(tmp_path):
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]  # history carried over from the first run
 
 
+def test_a_schedule_shorter_than_a_fresh_run_names_its_key(tmp_path):
+    with pytest.warns(UserWarning, match=r"ends at optimizer step 10, but this run goes on to step 20 .* "
+                                         r"scheduler.total_steps is shorter than the run: leave it out"):
+        train_in_process(tmp_path, "run", "trainer.max_epochs=1", "test=false", "+scheduler.total_steps=10")
+
+
 def test_several_captions_per_image_train_and_resume(tmp_path):
     """data.captions_per_image=5: a sample is an image with its five captions, 16 captions a batch = 3 images."""
     train_in_process(tmp_path, "first", "trainer.max_epochs=1", "test=false", "data.captions_per_image=5",

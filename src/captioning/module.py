@@ -225,16 +225,22 @@ class CaptioningModule(L.LightningModule):
         run_steps = self.trainer.estimated_stepping_batches
         for config in self.trainer.lr_scheduler_configs:
             total = getattr(config.scheduler, "total_steps", None)
-            if config.interval == "step" and isinstance(total, int) and total < run_steps < float("inf"):
-                ended = self.trainer.global_step >= total
-                rate = f" ({min(g['lr'] for g in config.scheduler.optimizer.param_groups):.2g})" if ended else ""
-                rank_zero_warn(
-                    f"The learning-rate schedule {type(config.scheduler).__name__} ends at optimizer step {total}, "
-                    f"but this run goes on to step {run_steps} (trainer.max_epochs={self.trainer.max_epochs}): the "
-                    f"last {run_steps - total} steps train at its final rate"
-                    f"{rate}. A resumed run (ckpt_path=...) keeps the "
-                    "schedule of the run that saved it, sized by that run's trainer.max_epochs (a one-cycle schedule "
-                    "ends near zero); to train longer, start a new run with the longer trainer.max_epochs.")
+            if config.interval != "step" or not isinstance(total, int) or not total < run_steps < float("inf"):
+                continue
+            rate = ""
+            if self.trainer.global_step >= total:
+                rate = f" ({min(g['lr'] for g in config.scheduler.optimizer.param_groups):.2g})"
+            if self.trainer.ckpt_path:
+                why = ("A resumed run (ckpt_path=...) keeps the schedule of the run that saved it, sized by that run's "
+                       "trainer.max_epochs (a one-cycle schedule ends near zero); to train longer, start a new run "
+                       "with the longer trainer.max_epochs.")
+            else:
+                why = ("scheduler.total_steps is shorter than the run: leave it out to size the schedule by the run "
+                       "(trainer.max_epochs / max_steps).")
+            rank_zero_warn(
+                f"The learning-rate schedule {type(config.scheduler).__name__} ends at optimizer step {total}, but "
+                f"this run goes on to step {run_steps} (trainer.max_epochs={self.trainer.max_epochs}): the last "
+                f"{run_steps - total} steps train at its final rate{rate}. {why}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stamp(checkpoint)

@@ -97,6 +97,14 @@ struct Steps {
   Steps(int64_t macs, const Gemm& gemm)
       : split(!gemm.onednn && at::get_num_threads() > 1 && !at::in_parallel_region() && macs >= kMinMacs) {}
   Steps() : split(false) {}
+  // a step's c + a @ b (c undefined: a @ b). Split: into out (allocated if undefined), one column block per thread;
+  // else the library's one call, as a new tensor (out unused)
+  Tensor product(const Gemm& gemm, Tensor out, const Tensor& c, const Tensor& a, const Tensor& b) const {
+    if (!split) return c.defined() ? gemm.addmm(c, a, b) : gemm.mm(a, b);
+    if (!out.defined()) out = at::empty({a.size(0), b.size(1)}, a.options());
+    gemm.addmm_split(out, c, a, b);
+    return out;
+  }
   // f(begin, end) over the rows [0, N), in one block per thread where split
   template <class F>
   void rows(int64_t N, const F& f) const {
@@ -343,13 +351,7 @@ std::vector<Tensor> lstm_forward(const Tensor& x_tm, const Tensor& h0, const Ten
   auto gates = steps.split ? at::empty({T, N, 4 * H}, h0.options()) : Tensor();
   std::vector<Tensor> out{hs, cs, tanh_cs};
   for (int64_t t = 0; t < T; ++t) {
-    Tensor a;
-    if (steps.split) {
-      a = gates[t];
-      gemm.addmm_split(a, xw[t], hs[t], Wh);
-    } else {
-      a = gemm.addmm(xw[t], hs[t], Wh);
-    }
+    auto a = steps.product(gemm, steps.split ? gates[t] : Tensor(), xw[t], hs[t], Wh);
     cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hs[t + 1], steps);
     out.push_back(a);
   }
@@ -370,24 +372,12 @@ std::vector<Tensor> lstm_backward(const Tensor& dh_tm, const Tensor& x_tm, const
   auto dc = at::zeros_like(dh);
   for (int64_t t = T - 1; t >= 0; --t) {
     step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t], steps);
-    if (!t) break;
-    if (steps.split) {
-      gemm.addmm_split(dh, dh_tm[t - 1], da[t], WhT);  // da[t] holds all of dh's use: dh takes the new values
-    } else {
-      dh = gemm.addmm(dh_tm[t - 1], da[t], WhT);
-    }
+    if (t) dh = steps.product(gemm, dh, dh_tm[t - 1], da[t], WhT);  // da[t] holds all of dh's use: reused if split
   }
   auto da_flat = da.view({T * N, 4 * H});
   Tensor dx, dh0, dWx, dWh, db;
   if (needs[0]) dx = gemm.mm(da_flat, Wx.t());
-  if (needs[1]) {
-    if (steps.split) {
-      dh0 = at::empty_like(dh);
-      gemm.addmm_split(dh0, Tensor(), da[0], WhT);
-    } else {
-      dh0 = gemm.mm(da[0], WhT);
-    }
-  }
+  if (needs[1]) dh0 = steps.product(gemm, Tensor(), Tensor(), da[0], WhT);
   auto h_prev = hs.narrow(0, 0, T).reshape({T * N, H});
   if (needs[2] && needs[3]) {  // [dWx; dWh] = [x, h_prev]^T da: one product over all steps
     auto dW = gemm.mm(at::cat({x_tm, h_prev}, 1).t(), da_flat);
@@ -426,13 +416,7 @@ std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_f
     if (fused) {
       auto hx_t = hx[t], w = weights[t];
       steps.rows(N, [&](int64_t r0, int64_t r1) { attend_f32(hx_t, A_flat, A_T, scale, w, r0, r1); });
-      Tensor a;
-      if (steps.split) {
-        a = gates_buffer[t];
-        gemm.addmm_split(a, xw[t], hx_t, W_ha);
-      } else {
-        a = gemm.addmm(xw[t], hx_t, W_ha);
-      }
+      auto a = steps.product(gemm, steps.split ? gates_buffer[t] : Tensor(), xw[t], hx_t, W_ha);
       cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hx[t + 1].narrow(1, 0, H), steps);
       gates.push_back(a);
       continue;
