@@ -66,20 +66,24 @@ def test_the_compiled_loops_compute_what_the_python_loops_do(cell, dtype, size, 
 
 
 @pytest.mark.parametrize("cell", sorted(FORWARDS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_steps_shared_between_two_threads_compute_what_one_thread_does(cell, dtype, compiled, monkeypatch):
+@pytest.mark.parametrize("dtype,gemm", [(torch.float32, "torch"), (torch.float64, "torch"), (torch.float32, "onednn")])
+def test_steps_shared_between_two_threads_compute_what_one_thread_does(cell, dtype, gemm, compiled, monkeypatch):
     # at two threads a step's product is split into blocks of columns, one per thread, and the cell's rows likewise;
-    # 37 rows and 4H = 800 columns leave partial blocks, and the float64 cell takes ATen's ops between the products
-    monkeypatch.setenv("CAPTIONING_GEMM", "torch")  # the split is ATen's BLAS only (not oneDNN)
+    # 37 rows and 4H = 800 columns leave partial blocks, and the float64 cell takes ATen's ops between the products.
+    # With oneDNN's products (its own threads) only the element work is split by rows.
+    monkeypatch.setenv("CAPTIONING_GEMM", gemm)
     n, h = 37, 200
     macs = n * h * 4 * h * (2 if cell == "attention" else 1)
     inputs = _inputs(cell, dtype, n=n, t=4, d=16, h=h)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert not compiled.splits(macs, False)  # one thread: one call
+        assert compiled.splits(macs, False) == (False, False)  # one thread: one call
         torch.set_num_threads(2)
-        assert compiled.splits(macs, False) and not compiled.splits(macs, True) and not compiled.splits(1000, False)
+        # (products, rows): ATen's BLAS products are split by columns, oneDNN's are not; small steps not at all
+        assert compiled.splits(macs, False) == (True, True)
+        assert compiled.splits(macs, True) == (False, True)
+        assert compiled.splits(1000, False) == (False, False)
         out_c, grads_c = _run(cell, inputs, monkeypatch, compiled)
     finally:
         torch.set_num_threads(threads)
@@ -109,6 +113,39 @@ def test_the_compiled_loops_under_bf16_autocast(cell, compiled, monkeypatch):
     torch.testing.assert_close(results[False][0], results[True][0], rtol=0.05, atol=0.05)
     for a, b in zip(results[False][1], results[True][1], strict=True):
         torch.testing.assert_close(a, b, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("cell", sorted(FORWARDS))
+def test_bf16_steps_run_fused_in_float32_and_are_no_less_exact_than_the_python_loops(cell, compiled, monkeypatch):
+    # Under bf16 autocast the compiled loops do a step's element work in one float32 pass over bfloat16 storage
+    # (two threads: its rows shared out) instead of bfloat16 ATen ops; both are measured against float64.
+    inputs = [t.detach().requires_grad_(True) for t in _inputs(cell, torch.float32, n=37, t=6, d=16, h=200)]
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    monkeypatch.setattr(kernels, "_loaded", None)
+    exact = FORWARDS[cell](*exact_inputs)
+    upstream = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact_grads = torch.autograd.grad((exact * upstream).sum(), exact_inputs)
+
+    def errors(module) -> list[float]:
+        monkeypatch.setattr(kernels, "_loaded", module)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as profile:
+            out = FORWARDS[cell](*inputs)
+            grads = torch.autograd.grad((out.double() * upstream).sum(), inputs)
+        ops = {event.name for event in profile.events()}
+        assert out.dtype == torch.bfloat16 and ("aten::sigmoid_" in ops) == (module is None)
+        return [float((a.detach().double() - b).abs().max() / b.abs().max())
+                for a, b in zip((out, *grads), (exact.detach(), *exact_grads), strict=True)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fused = errors(compiled)
+    finally:
+        torch.set_num_threads(threads)
+    python_loops = errors(None)
+    # bfloat16 keeps 8 bits: ~1% of the largest value here either way; the fused pass rounds less often
+    for err_fused, err_python in zip(fused, python_loops, strict=True):
+        assert err_fused <= max(1.5 * err_python, 0.01), (fused, python_loops)
 
 
 def test_a_compiler_without_openmp_still_builds_the_loops(tmp_path, monkeypatch):

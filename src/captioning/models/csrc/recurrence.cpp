@@ -91,12 +91,18 @@ struct Gemm {
 // at::parallel_for is OpenMP header code: it runs on the calling thread alone unless this file is compiled with
 // -fopenmp (kernels.py), and with one thread (torch.set_num_threads(1)) everything runs as one call.
 struct Steps {
-  bool split;
+  // split: each step's product shared out by columns (ATen's BLAS only); rows: the element work by rows, also where
+  // the products are oneDNN's own threaded calls (on the AVX-512 machine the second thread otherwise spun in
+  // OpenMP's barrier while the first did a step's cell and attention alone)
+  bool split, rows_split;
   // the LSTM at N=32, H=128 (2M multiply-adds a step) lost 5% split; the attention LSTM there (4M) gained 13%
   static constexpr int64_t kMinMacs = int64_t(1) << 22;
   Steps(int64_t macs, const Gemm& gemm)
-      : split(!gemm.onednn && at::get_num_threads() > 1 && !at::in_parallel_region() && macs >= kMinMacs) {}
-  Steps() : split(false) {}
+      : split(false),
+        rows_split(at::get_num_threads() > 1 && !at::in_parallel_region() && macs >= kMinMacs) {
+    split = rows_split && !gemm.onednn;
+  }
+  Steps() : split(false), rows_split(false) {}
   // a step's c + a @ b (c undefined: a @ b). Split: into out (allocated if undefined), one column block per thread;
   // else the library's one call, as a new tensor (out unused)
   Tensor product(const Gemm& gemm, Tensor out, const Tensor& c, const Tensor& a, const Tensor& b) const {
@@ -108,7 +114,7 @@ struct Steps {
   // f(begin, end) over the rows [0, N), in one block per thread where split
   template <class F>
   void rows(int64_t N, const F& f) const {
-    if (split) {
+    if (rows_split) {
       at::parallel_for(0, N, 8, f);
     } else {
       f(0, N);
@@ -152,75 +158,104 @@ inline float exp_f32(float x) {
 inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 inline float tanh_f32(float x) { return 2.0f * sigmoid_f32(2.0f * x) - 1.0f; }
 
-bool fusable(const Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
-// float32 rows of unit stride, the rows possibly further apart than their length (a narrowed buffer)
-bool fusable_rows(const Tensor& t) { return t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1; }
+// The element loops run on float32 and on bfloat16 storage (what autocast gives on a CPU with bfloat16), always
+// computing in float32: one pass per step instead of a dozen bfloat16 ATen ops, each rounding its result.
+bool fusable_type(at::ScalarType type) { return type == at::kFloat || type == at::kBFloat16; }
+// `t` in `like`'s dtype (float32 or bfloat16), contiguous
+bool fusable(const Tensor& t, const Tensor& like) {
+  return t.scalar_type() == like.scalar_type() && fusable_type(t.scalar_type()) && t.is_contiguous();
+}
+// rows of unit stride, the rows possibly further apart than their length (a narrowed buffer)
+bool fusable_rows(const Tensor& t, const Tensor& like) {
+  return t.scalar_type() == like.scalar_type() && fusable_type(t.scalar_type()) && t.dim() == 2 && t.stride(1) == 1;
+}
+// f(S{}) with S the C++ type of a fusable dtype
+template <class F>
+void with_storage(at::ScalarType type, const F& f) {
+  if (type == at::kFloat) {
+    f(float{});
+  } else {
+    f(c10::BFloat16{});
+  }
+}
+template <class S>
+inline float ld(S v) { return static_cast<float>(v); }
+template <class S>
+inline S st(float v) { return static_cast<S>(v); }
 
 // One row of the cell; restrict parameters (GCC honours restrict on parameters) let the loop vectorise.
-void cell_row(int64_t H, float* __restrict__ ai, float* __restrict__ af, float* __restrict__ ao,
-              float* __restrict__ ag, const float* __restrict__ cp, float* __restrict__ cn, float* __restrict__ tc,
-              float* __restrict__ hn) {
+template <class S>
+void cell_row(int64_t H, S* __restrict__ ai, S* __restrict__ af, S* __restrict__ ao, S* __restrict__ ag,
+              const S* __restrict__ cp, S* __restrict__ cn, S* __restrict__ tc, S* __restrict__ hn) {
   for (int64_t j = 0; j < H; ++j) {
-    const float i = sigmoid_f32(ai[j]), f = sigmoid_f32(af[j]), o = sigmoid_f32(ao[j]), g = tanh_f32(ag[j]);
-    ai[j] = i;
-    af[j] = f;
-    ao[j] = o;
-    ag[j] = g;
-    const float cv = f * cp[j] + i * g;
+    const float i = sigmoid_f32(ld(ai[j])), f = sigmoid_f32(ld(af[j])), o = sigmoid_f32(ld(ao[j]));
+    const float g = tanh_f32(ld(ag[j]));
+    ai[j] = st<S>(i);
+    af[j] = st<S>(f);
+    ao[j] = st<S>(o);
+    ag[j] = st<S>(g);
+    const float cv = f * ld(cp[j]) + i * g;
     const float tv = tanh_f32(cv);
-    cn[j] = cv;
-    tc[j] = tv;
-    hn[j] = o * tv;
+    cn[j] = st<S>(cv);
+    tc[j] = st<S>(tv);
+    hn[j] = st<S>(o * tv);
   }
 }
 
-void backward_row(int64_t H, const float* __restrict__ gi, const float* __restrict__ gf, const float* __restrict__ go,
-                  const float* __restrict__ gg, const float* __restrict__ cp, const float* __restrict__ tc,
-                  const float* __restrict__ dh, float* __restrict__ dc, float* __restrict__ dai,
-                  float* __restrict__ daf, float* __restrict__ dao, float* __restrict__ dag) {
+template <class S>
+void backward_row(int64_t H, const S* __restrict__ gi, const S* __restrict__ gf, const S* __restrict__ go,
+                  const S* __restrict__ gg, const S* __restrict__ cp, const S* __restrict__ tc,
+                  const S* __restrict__ dh, S* __restrict__ dc, S* __restrict__ dai, S* __restrict__ daf,
+                  S* __restrict__ dao, S* __restrict__ dag) {
   for (int64_t j = 0; j < H; ++j) {
-    const float i = gi[j], f = gf[j], o = go[j], g = gg[j], t = tc[j], d = dh[j];
-    const float dcv = dc[j] + d * o * (1.0f - t * t);
-    dai[j] = dcv * g * (i - i * i);
-    daf[j] = dcv * cp[j] * (f - f * f);
-    dao[j] = d * t * (o - o * o);
-    dag[j] = dcv * i * (1.0f - g * g);
-    dc[j] = dcv * f;
+    const float i = ld(gi[j]), f = ld(gf[j]), o = ld(go[j]), g = ld(gg[j]), t = ld(tc[j]), d = ld(dh[j]);
+    const float dcv = ld(dc[j]) + d * o * (1.0f - t * t);
+    dai[j] = st<S>(dcv * g * (i - i * i));
+    daf[j] = st<S>(dcv * ld(cp[j]) * (f - f * f));
+    dao[j] = st<S>(d * t * (o - o * o));
+    dag[j] = st<S>(dcv * i * (1.0f - g * g));
+    dc[j] = st<S>(dcv * f);
   }
 }
 
-// The cell of bptt._lstm_cell_forward in one pass over the elements (float32, contiguous rows; h's rows may be
-// further apart: the attention loop writes them straight into its [h, attn] buffer).
-void cell_forward_f32(Tensor& a, const Tensor& c_prev, Tensor& c, Tensor& tanh_c, Tensor& h, int64_t r0, int64_t r1) {
+// The cell of bptt._lstm_cell_forward in one pass over the elements (contiguous rows; h's rows may be further
+// apart: the attention loop writes them straight into its [h, attn] buffer).
+template <class S>
+void cell_forward_rows(Tensor& a, const Tensor& c_prev, Tensor& c, Tensor& tanh_c, Tensor& h, int64_t r0,
+                       int64_t r1) {
   const int64_t H = c.size(1), ld_h = h.stride(0);
-  float* A = a.data_ptr<float>();
-  const float* Cp = c_prev.data_ptr<float>();
-  float *C = c.data_ptr<float>(), *Tc = tanh_c.data_ptr<float>(), *Hn = h.data_ptr<float>();
+  S* A = a.data_ptr<S>();
+  const S* Cp = c_prev.data_ptr<S>();
+  S *C = c.data_ptr<S>(), *Tc = tanh_c.data_ptr<S>(), *Hn = h.data_ptr<S>();
   for (int64_t n = r0; n < r1; ++n) {
-    float* a_n = A + n * 4 * H;
-    cell_row(H, a_n, a_n + H, a_n + 2 * H, a_n + 3 * H, Cp + n * H, C + n * H, Tc + n * H, Hn + n * ld_h);
+    S* a_n = A + n * 4 * H;
+    cell_row<S>(H, a_n, a_n + H, a_n + 2 * H, a_n + 3 * H, Cp + n * H, C + n * H, Tc + n * H, Hn + n * ld_h);
   }
 }
 
-// bptt._LSTMBackwardStep in one pass (float32, contiguous rows)
-void backward_step_f32(const Tensor& gates, const Tensor& c_prev, const Tensor& tanh_c, const Tensor& dh, Tensor& dc,
-                       Tensor& da, int64_t r0, int64_t r1) {
+// bptt._LSTMBackwardStep in one pass (contiguous rows)
+template <class S>
+void backward_step_rows(const Tensor& gates, const Tensor& c_prev, const Tensor& tanh_c, const Tensor& dh,
+                        Tensor& dc, Tensor& da, int64_t r0, int64_t r1) {
   const int64_t H = dh.size(1);
-  const float *G = gates.data_ptr<float>(), *Cp = c_prev.data_ptr<float>(), *Tc = tanh_c.data_ptr<float>();
-  const float* Dh = dh.data_ptr<float>();
-  float *Dc = dc.data_ptr<float>(), *Da = da.data_ptr<float>();
+  const S *G = gates.data_ptr<S>(), *Cp = c_prev.data_ptr<S>(), *Tc = tanh_c.data_ptr<S>();
+  const S* Dh = dh.data_ptr<S>();
+  S *Dc = dc.data_ptr<S>(), *Da = da.data_ptr<S>();
   for (int64_t n = r0; n < r1; ++n) {
-    const float* g_n = G + n * 4 * H;
-    float* da_n = Da + n * 4 * H;
-    backward_row(H, g_n, g_n + H, g_n + 2 * H, g_n + 3 * H, Cp + n * H, Tc + n * H, Dh + n * H, Dc + n * H, da_n,
-                 da_n + H, da_n + 2 * H, da_n + 3 * H);
+    const S* g_n = G + n * 4 * H;
+    S* da_n = Da + n * 4 * H;
+    backward_row<S>(H, g_n, g_n + H, g_n + 2 * H, g_n + 3 * H, Cp + n * H, Tc + n * H, Dh + n * H, Dc + n * H,
+                    da_n, da_n + H, da_n + 2 * H, da_n + 3 * H);
   }
 }
 
 // bptt._lstm_cell_forward (CPU branch): a (N, 4H) pre-activations -> gate activations in place; c, tanh_c, h
 void cell_forward(Tensor& a, const Tensor& c_prev, Tensor c, Tensor tanh_c, Tensor h, const Steps& steps) {
-  if (fusable(a) && fusable(c_prev) && fusable(c) && fusable(tanh_c) && fusable_rows(h)) {
-    steps.rows(c.size(0), [&](int64_t r0, int64_t r1) { cell_forward_f32(a, c_prev, c, tanh_c, h, r0, r1); });
+  if (fusable(a, a) && fusable(c_prev, a) && fusable(c, a) && fusable(tanh_c, a) && fusable_rows(h, a)) {
+    with_storage(a.scalar_type(), [&](auto tag) {
+      using S = decltype(tag);
+      steps.rows(c.size(0), [&](int64_t r0, int64_t r1) { cell_forward_rows<S>(a, c_prev, c, tanh_c, h, r0, r1); });
+    });
     return;
   }
   const int64_t H = c.size(1);
@@ -234,68 +269,84 @@ void cell_forward(Tensor& a, const Tensor& c_prev, Tensor c, Tensor tanh_c, Tens
   at::mul_out(h, a.narrow(1, 2 * H, H), tanh_c);
 }
 
-// y += a x over n contiguous floats
-inline void axpy(int64_t n, float a, const float* __restrict__ x, float* __restrict__ y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+// y += a x over n contiguous elements, y in float32
+template <class S>
+inline void axpy(int64_t n, float a, const S* __restrict__ x, float* __restrict__ y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * ld(x[i]);
 }
 
-// The attention of one step (float32; rnn.dot_product_attention): for every row, scores = h . A / sqrt(H) over the
-// P positions, w = softmax(scores), attn = A w. A_flat (N, H, P) and A_T (N, P, H) are the same map in the two
+// Per-thread float32 scratch for the attention's sums, `width` floats a thread
+struct Scratch {
+  std::vector<float> data;
+  int64_t width;
+  explicit Scratch(int64_t width) : data(static_cast<size_t>(width) * std::max(at::get_num_threads(), 1)),
+                                    width(width) {}
+  float* here() { return data.data() + width * std::min<int64_t>(at::get_thread_num(), at::get_num_threads() - 1); }
+};
+
+// The attention of one step (rnn.dot_product_attention): for every row, scores = h . A / sqrt(H) over the P
+// positions, w = softmax(scores), attn = A w. A_flat (N, H, P) and A_T (N, P, H) are the same map in the two
 // layouts, so that both sums run along contiguous memory: scores over A's rows, attn over A_T's.
-// hx (N, 2H): reads h from [0, H), writes attn into [H, 2H); w (N, P).
-void attend_f32(Tensor& hx, const Tensor& A_flat, const Tensor& A_T, double scale, Tensor& w, int64_t r0, int64_t r1) {
-  const int64_t H = A_flat.size(1), P = A_flat.size(2), ld = hx.stride(0);
-  const float* A = A_flat.data_ptr<float>();
-  const float* At = A_T.data_ptr<float>();
-  float *X = hx.data_ptr<float>(), *W = w.data_ptr<float>();
+// hx (N, 2H): reads h from [0, H), writes attn into [H, 2H); w (N, P). The sums run in float32 in acc (P + H
+// floats); attn is A's average under the float32 weights, w holds them rounded to S.
+template <class S>
+void attend_rows(Tensor& hx, const Tensor& A_flat, const Tensor& A_T, double scale, Tensor& w, float* acc,
+                 int64_t r0, int64_t r1) {
+  const int64_t H = A_flat.size(1), P = A_flat.size(2), ld_x = hx.stride(0);
+  const S* A = A_flat.data_ptr<S>();
+  const S* At = A_T.data_ptr<S>();
+  S *X = hx.data_ptr<S>(), *W = w.data_ptr<S>();
   const float s = static_cast<float>(scale);
+  float *scores = acc, *attn = acc + P;
   for (int64_t n = r0; n < r1; ++n) {
-    const float* h = X + n * ld;
-    float* attn = X + n * ld + H;
-    float* wn = W + n * P;
-    const float* A_n = A + n * H * P;
-    const float* At_n = At + n * P * H;
-    std::fill(wn, wn + P, 0.0f);
-    for (int64_t k = 0; k < H; ++k) axpy(P, h[k], A_n + k * P, wn);
+    const S* h = X + n * ld_x;
+    const S* A_n = A + n * H * P;
+    const S* At_n = At + n * P * H;
+    std::fill(scores, scores + P, 0.0f);
+    for (int64_t k = 0; k < H; ++k) axpy(P, ld(h[k]), A_n + k * P, scores);
     float top = -INFINITY;
-    for (int64_t p = 0; p < P; ++p) top = std::max(top, wn[p] * s);
+    for (int64_t p = 0; p < P; ++p) top = std::max(top, scores[p] * s);
     float total = 0.0f;
-    for (int64_t p = 0; p < P; ++p) total += (wn[p] = std::exp(wn[p] * s - top));
-    for (int64_t p = 0; p < P; ++p) wn[p] /= total;
+    for (int64_t p = 0; p < P; ++p) total += (scores[p] = std::exp(scores[p] * s - top));
+    S* wn = W + n * P;
+    for (int64_t p = 0; p < P; ++p) wn[p] = st<S>(scores[p] /= total);
     std::fill(attn, attn + H, 0.0f);
-    for (int64_t p = 0; p < P; ++p) axpy(H, wn[p], At_n + p * H, attn);
+    for (int64_t p = 0; p < P; ++p) axpy(H, scores[p], At_n + p * H, attn);
+    S* attn_n = X + n * ld_x + H;
+    for (int64_t k = 0; k < H; ++k) attn_n[k] = st<S>(attn[k]);
   }
 }
 
-// The attention's backward for one step (float32): dhx (N, 2H) holds the gradient of [h_{t-1}, attn_t];
-// dscores (N, P) gets the softmax's input gradient (before the 1/sqrt(H)); dh (N, H) = dh_out (the step's own
-// output gradient, or none at t = 0) + dhx's h half + scale * A dscores.
-// Rows [r0, r1); scratch holds H floats.
-void attend_backward_f32(const Tensor& dhx, const Tensor& A_flat, const Tensor& A_T, const Tensor& w, double scale,
-                         const Tensor* dh_out, Tensor& dscores, Tensor& dh, float* tmp, int64_t r0, int64_t r1) {
+// The attention's backward for one step: dhx (N, 2H) holds the gradient of [h_{t-1}, attn_t]; dscores (N, P) gets
+// the softmax's input gradient (before the 1/sqrt(H)); dh (N, H) = dh_out (the step's own output gradient, or none
+// at t = 0) + dhx's h half + scale * A dscores. Rows [r0, r1); acc holds P + H floats.
+template <class S>
+void attend_backward_rows(const Tensor& dhx, const Tensor& A_flat, const Tensor& A_T, const Tensor& w, double scale,
+                          const Tensor* dh_out, Tensor& dscores, Tensor& dh, float* acc, int64_t r0, int64_t r1) {
   const int64_t H = A_flat.size(1), P = A_flat.size(2);
-  const float *A = A_flat.data_ptr<float>(), *At = A_T.data_ptr<float>(), *D = dhx.data_ptr<float>();
-  const float* Wt = w.data_ptr<float>();
-  const float* Do = dh_out ? dh_out->data_ptr<float>() : nullptr;
-  float *Ds = dscores.data_ptr<float>(), *Dh = dh.data_ptr<float>();
+  const S *A = A_flat.data_ptr<S>(), *At = A_T.data_ptr<S>(), *D = dhx.data_ptr<S>();
+  const S* Wt = w.data_ptr<S>();
+  const S* Do = dh_out ? dh_out->data_ptr<S>() : nullptr;
+  S *Ds = dscores.data_ptr<S>(), *Dh = dh.data_ptr<S>();
   const float s = static_cast<float>(scale);
+  float *dw = acc, *tmp = acc + P;
   for (int64_t n = r0; n < r1; ++n) {
-    const float* dattn = D + n * 2 * H + H;
-    const float* dh_rec = D + n * 2 * H;
-    const float* wn = Wt + n * P;
-    float* dw = Ds + n * P;
-    const float* A_n = A + n * H * P;
-    const float* At_n = At + n * P * H;
+    const S* dattn = D + n * 2 * H + H;
+    const S* dh_rec = D + n * 2 * H;
+    const S* wn = Wt + n * P;
+    const S* A_n = A + n * H * P;
+    const S* At_n = At + n * P * H;
     std::fill(dw, dw + P, 0.0f);
-    for (int64_t k = 0; k < H; ++k) axpy(P, dattn[k], A_n + k * P, dw);
+    for (int64_t k = 0; k < H; ++k) axpy(P, ld(dattn[k]), A_n + k * P, dw);
     float dot = 0.0f;
-    for (int64_t p = 0; p < P; ++p) dot += dw[p] * wn[p];
-    for (int64_t p = 0; p < P; ++p) dw[p] = (dw[p] - dot) * wn[p];
+    for (int64_t p = 0; p < P; ++p) dot += dw[p] * ld(wn[p]);
+    S* ds_n = Ds + n * P;
+    for (int64_t p = 0; p < P; ++p) ds_n[p] = st<S>(dw[p] = (dw[p] - dot) * ld(wn[p]));
     std::fill(tmp, tmp + H, 0.0f);
     for (int64_t p = 0; p < P; ++p) axpy(H, dw[p], At_n + p * H, tmp);
-    float* dh_n = Dh + n * H;
-    const float* do_n = Do ? Do + n * H : nullptr;
-    for (int64_t k = 0; k < H; ++k) dh_n[k] = (do_n ? do_n[k] + dh_rec[k] : dh_rec[k]) + s * tmp[k];
+    S* dh_n = Dh + n * H;
+    const S* do_n = Do ? Do + n * H : nullptr;
+    for (int64_t k = 0; k < H; ++k) dh_n[k] = st<S>((do_n ? ld(do_n[k]) + ld(dh_rec[k]) : ld(dh_rec[k])) + s * tmp[k]);
   }
 }
 
@@ -311,9 +362,14 @@ struct BackwardStep {
   }
   void operator()(const Tensor& gates, const Tensor& c_prev, const Tensor& tanh_c, const Tensor& dh, Tensor& dc,
                   Tensor da, const Steps& steps) {
-    if (fusable(gates) && fusable(c_prev) && fusable(tanh_c) && fusable(dh) && fusable(dc) && fusable(da)) {
-      steps.rows(dh.size(0),
-                 [&](int64_t r0, int64_t r1) { backward_step_f32(gates, c_prev, tanh_c, dh, dc, da, r0, r1); });
+    if (fusable(gates, gates) && fusable(c_prev, gates) && fusable(tanh_c, gates) && fusable(dh, gates) &&
+        fusable(dc, gates) && fusable(da, gates)) {
+      with_storage(gates.scalar_type(), [&](auto tag) {
+        using S = decltype(tag);
+        steps.rows(dh.size(0), [&](int64_t r0, int64_t r1) {
+          backward_step_rows<S>(gates, c_prev, tanh_c, dh, dc, da, r0, r1);
+        });
+      });
       return;
     }
     auto i = gates.narrow(1, 0, H), f = gates.narrow(1, H, H), o = gates.narrow(1, 2 * H, H);
@@ -407,7 +463,8 @@ std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_f
   auto h0 = A_flat.mean(2);
   hx[0].narrow(1, 0, H).copy_(h0);
   cs[0].copy_(h0);
-  const bool fused = fusable(A_flat) && fusable(hx);
+  const bool fused = fusable(A_flat, A_flat) && fusable(hx, A_flat);
+  Scratch scratch(fused ? P + H : 0);
   auto A_T = fused ? A_flat.transpose(1, 2).contiguous() : A_flat.transpose(1, 2);
   const Steps steps(N * 2 * H * 4 * H, gemm);
   auto gates_buffer = steps.split ? at::empty({T, N, 4 * H}, A_flat.options()) : Tensor();
@@ -415,7 +472,12 @@ std::vector<Tensor> attention_lstm_forward(const Tensor& x_tm, const Tensor& A_f
   for (int64_t t = 0; t < T; ++t) {
     if (fused) {
       auto hx_t = hx[t], w = weights[t];
-      steps.rows(N, [&](int64_t r0, int64_t r1) { attend_f32(hx_t, A_flat, A_T, scale, w, r0, r1); });
+      with_storage(A_flat.scalar_type(), [&](auto tag) {
+        using S = decltype(tag);
+        steps.rows(N, [&](int64_t r0, int64_t r1) {
+          attend_rows<S>(hx_t, A_flat, A_T, scale, w, scratch.here(), r0, r1);
+        });
+      });
       auto a = steps.product(gemm, steps.split ? gates_buffer[t] : Tensor(), xw[t], hx_t, W_ha);
       cell_forward(a, cs[t], cs[t + 1], tanh_cs[t], hx[t + 1].narrow(1, 0, H), steps);
       gates.push_back(a);
@@ -454,11 +516,12 @@ std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x
   auto dscores = at::empty_like(weights);
   auto dh = dh_tm[T - 1].clone();
   auto dc = at::zeros_like(dh);
-  const bool fused = fusable(A_flat) && fusable(weights) && fusable(dh_tm) && dh.scalar_type() == at::kFloat;
+  const bool fused = fusable(A_flat, A_flat) && fusable(weights, A_flat) && fusable(dh_tm, A_flat) &&
+                     fusable(dh, A_flat);
   auto A_T = fused ? A_flat.transpose(1, 2).contiguous() : A_flat.transpose(1, 2);
   const Steps steps(N * 2 * H * 4 * H, gemm);
   const Steps element_steps = fused ? steps : Steps();
-  std::vector<float> scratch(fused ? static_cast<size_t>(H) * std::max(at::get_num_threads(), 1) : 0);
+  Scratch scratch(fused ? P + H : 0);
   for (int64_t t = T - 1; t >= 0; --t) {
     step(gates[t], cs[t], tanh_cs[t], dh, dc, da[t], element_steps);
     auto dhx_t = dhx[t];
@@ -471,9 +534,12 @@ std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x
       auto dscores_t = dscores[t];
       Tensor dh_out;
       if (t) dh_out = dh_tm[t - 1];
-      steps.rows(N, [&](int64_t r0, int64_t r1) {
-        float* tmp = scratch.data() + H * std::min<int64_t>(at::get_thread_num(), at::get_num_threads() - 1);
-        attend_backward_f32(dhx_t, A_flat, A_T, weights[t], scale, t ? &dh_out : nullptr, dscores_t, dh, tmp, r0, r1);
+      with_storage(A_flat.scalar_type(), [&](auto tag) {
+        using S = decltype(tag);
+        steps.rows(N, [&](int64_t r0, int64_t r1) {
+          attend_backward_rows<S>(dhx_t, A_flat, A_T, weights[t], scale, t ? &dh_out : nullptr, dscores_t, dh,
+                                  scratch.here(), r0, r1);
+        });
       });
       continue;
     }
@@ -515,8 +581,12 @@ std::vector<Tensor> attention_lstm_backward(const Tensor& dh_tm, const Tensor& x
   return {dx, dA, dWx, dWh, dWattn, db};
 }
 
-// Whether a step of `macs` multiply-adds is shared between the threads here and now (for the tests)
-bool splits(int64_t macs, bool onednn) { return Steps(macs, Gemm{onednn}).split; }
+// Whether a step of `macs` multiply-adds is shared between the threads here and now (for the tests): its products,
+// its element work by rows
+std::pair<bool, bool> splits(int64_t macs, bool onednn) {
+  const Steps steps(macs, Gemm{onednn});
+  return {steps.split, steps.rows_split};
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("splits", &splits);
