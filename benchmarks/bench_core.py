@@ -1,7 +1,7 @@
 """The captioner's training step and its recurrent core: tokens/s against torch.nn and the matmul peak.
 
     python benchmarks/bench_core.py [--quick] [--json out.json] [--device cuda] [--threads 1]
-                                    [--sizes large,small] [--profile lstm-manual]
+                                    [--sizes large,small] [--profile lstm-manual] [--autocast bf16]
 
 Cases, per size (interleaved, median over rounds; see common.py):
 
@@ -29,7 +29,8 @@ G = 1 (rnn) or 4 (lstm, attention) gates and P spatial positions of the attentio
     step = 3 x (forward per token) * N*T + 2 x (h0 projection)        core = 3 x 2 * N*T * (W*G*H + H*G*H)
 
 "fraction of peak" = FLOPs / median time / the FLOP/s of torch's float32 2048^3 matmul measured in the
-same rounds. Memory: the peak while one step runs (process RSS on CPU, max_memory_allocated on GPU).
+same rounds. ``--autocast bf16`` runs every case under bfloat16 autocast (what ``trainer.precision=bf16-mixed``
+gives the model, and ``precision=auto`` picks on a CPU with native bfloat16); the peak is then a bfloat16 matmul's. Memory: the peak while one step runs (process RSS on CPU, max_memory_allocated on GPU).
 """
 
 from __future__ import annotations
@@ -167,10 +168,20 @@ def build_cases(size: str, device: torch.device, cells: tuple[str, ...]) -> dict
     return cases
 
 
-def run_size(size: str, device: torch.device, rounds: int, cells: tuple[str, ...], clock=time.perf_counter) -> dict:
+def under_autocast(fn, device: torch.device):
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            fn()
+    return run
+
+
+def run_size(size: str, device: torch.device, rounds: int, cells: tuple[str, ...], clock=time.perf_counter,
+             autocast: str = "none") -> dict:
     cases = build_cases(size, device, cells)
+    if autocast == "bf16":
+        cases = {name: (under_autocast(fn, device), *rest) for name, (fn, *rest) in cases.items()}
     memory = {name: peak_memory(fn, device) for name, (fn, *_) in cases.items()}
-    peak_fn, peak_work = matmul_peak_case(device)
+    peak_fn, peak_work = matmul_peak_case(device, dtype=torch.bfloat16 if autocast == "bf16" else torch.float32)
     timed = {name: fn for name, (fn, *_) in cases.items()}
     timed["matmul peak"] = peak_fn
     times = interleaved_times(timed, device, rounds, clock=clock,
@@ -189,7 +200,7 @@ def run_size(size: str, device: torch.device, rounds: int, cells: tuple[str, ...
             if cell == "attention":
                 row["note"] = "vs nn LSTM, which does less work (no attention)"
         rows.append(row)
-    return {"size": size, "dims": s, "matmul_peak_flops": peak, "rows": rows}
+    return {"size": size, "dims": s, "matmul_peak_flops": peak, "autocast": autocast, "rows": rows}
 
 
 def print_report(report: dict) -> None:
@@ -206,7 +217,8 @@ def print_report(report: dict) -> None:
         dims = ", ".join(f"{k}={v}" for k, v in s.items())
         print_table(
             f"{result['size']} ({dims}) on {device}, {report['machine']['threads']} threads, {report['clock']} clock, "
-            f"matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s",
+            + ("bf16 autocast, bfloat16 " if result.get("autocast") == "bf16" else "")
+            + f"matmul peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s",
             ["case", "ms", "tokens/s", "vs nn", "of peak", "peak MiB", "+MiB"], rows,
             ["'vs nn': nn time / our time (> 1 = faster); attention is compared with the nn LSTM (less work). "
              "'+MiB': memory taken by one step over what was held before it."],
@@ -222,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", default=None, metavar="CASE",
                         help="instead of the table, profile one step case (e.g. lstm-manual, nn-lstm) at the first "
                              "size with torch.profiler and print the busiest ops")
+    parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                        help="bf16: every case under bfloat16 autocast, as bf16-mixed training runs them (default none)")
     args = parser.parse_args(argv)
     device = setup_device(args)
     sizes = [name.strip() for name in args.sizes.split(",") if name.strip()]
@@ -235,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         return profile_case(args.profile, sizes[0], device, cells)
     report = {"benchmark": "core", "machine": machine_info(device), "rounds": args.rounds,
-              "clock": args.clock, "results": [run_size(size, device, args.rounds, cells, clock_of(args)) for size in sizes]}
+              "clock": args.clock, "results": [run_size(size, device, args.rounds, cells, clock_of(args), args.autocast)
+                          for size in sizes]}
     report["targets"] = {"speedup_vs_nn": TARGET_GPU_RATIO if device.type == "cuda" else TARGET_RATIO,
                          "fraction_of_peak": TARGET_PEAK}
     print_report(report)

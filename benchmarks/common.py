@@ -118,8 +118,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def matmul_peak_case(device: torch.device, n: int = 2048, reps: int = 3) -> tuple[Callable[[], None], float]:
-    """A case doing ``reps`` float32 (n x n) @ (n x n) products, and the FLOPs it does (2 n^3 each).
+def matmul_peak_case(device: torch.device, n: int = 2048, reps: int = 3,
+                     dtype: torch.dtype = torch.float32) -> tuple[Callable[[], None], float]:
+    """A case doing ``reps`` (n x n) @ (n x n) products in ``dtype`` (float32; bfloat16 for the cores under bf16
+    autocast), and the FLOPs it does (2 n^3 each).
 
     Its FLOP/s is "the machine's matmul peak": what the faster of torch's own float32 matmul (its BLAS) and
     oneDNN's (which torch.nn.LSTM and the hand-written core use on CPU, :mod:`captioning.models.gemm`)
@@ -127,9 +129,9 @@ def matmul_peak_case(device: torch.device, n: int = 2048, reps: int = 3) -> tupl
     """
     from captioning.models import gemm
 
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     candidates = {"torch.mm": lambda: torch.mm(a, b, out=out), "oneDNN": lambda: gemm.mm(a, b)}
     seconds = {}
     for name, fn in candidates.items():
