@@ -30,7 +30,8 @@ G = 1 (rnn) or 4 (lstm, attention) gates and P spatial positions of the attentio
 
 "fraction of peak" = FLOPs / median time / the FLOP/s of torch's float32 2048^3 matmul measured in the
 same rounds. ``--autocast bf16`` runs every case under bfloat16 autocast (what ``trainer.precision=bf16-mixed``
-gives the model, and ``precision=auto`` picks on a CPU with native bfloat16); the peak is then a bfloat16 matmul's. Memory: the peak while one step runs (process RSS on CPU, max_memory_allocated on GPU).
+gives the model, and ``precision=auto`` picks on a CPU with native bfloat16); the peak is then a bfloat16 matmul's.
+Memory: the peak while one step runs (process RSS on CPU, max_memory_allocated on GPU).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def matmul_peak_case(device: torch.device, n: int = 2048, reps: int = 3,
     """A case doing ``reps`` (n x n) @ (n x n) products in ``dtype`` (float32; bfloat16 for the cores under bf16
     autocast), and the FLOPs it does (2 n^3 each).
 
-    Its FLOP/s is "the machine's matmul peak": what the faster of torch's own float32 matmul (its BLAS) and
+    Its FLOP/s is "the machine's matmul peak" in that dtype: what the faster of torch's own matmul (its BLAS) and
     oneDNN's (which torch.nn.LSTM and the hand-written core use on CPU, :mod:`captioning.models.gemm`)
     reaches on a large square product, on this machine, now. On some CPUs the two differ by 2x.
     """
